@@ -1,0 +1,212 @@
+"""The adapter-layer contract every method's layers follow, and the ``modules_to_save`` wrapper.
+
+An :class:`AdapterLayer` wraps one module of the base model (``self.base_layer``) and never copies its
+weights. Per-adapter tensors live in ``nn.ModuleDict`` / ``nn.ParameterDict`` attributes listed in
+``adapter_param_names``; per-adapter scalars in plain dicts listed in ``adapter_attr_names``. Trainability,
+checkpoint filtering and deletion are all derived from those two tuples, never from substring matching.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from peftkit.core.errors import NotMergeableError
+
+__all__ = ["AdapterLayer", "ModulesToSaveWrapper", "base_layer_of", "BASE_ADAPTER_NAME"]
+
+# Name a mixed batch uses for rows that should see the base model only (HF peft's spelling).
+BASE_ADAPTER_NAME = "__base__"
+
+
+def base_layer_of(module: nn.Module) -> nn.Module:
+    """Follow ``base_layer`` links through nested adapter layers down to the original module."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every module peftkit puts into a model.
+
+    Subclasses implement ``update_layer`` (add one adapter), ``forward`` and, when the method can be merged,
+    ``delta_weight``. The merge contract: ``merge(adapter_names, safe)`` folds the named (default: active)
+    adapters into the base weight, skipping ones already merged; ``unmerge()`` subtracts them in reverse order.
+
+    Attributes:
+        active_adapters: Adapters applied by ``forward`` (several at once add up).
+        disable_adapters: When True, ``forward`` is the base layer's.
+        merged_adapters: Adapters currently folded into the base weights.
+        batch_adapter_names: Set by ``PeftModel`` during a mixed batch: one adapter name per row.
+    """
+
+    adapter_param_names: tuple[str, ...] = ()
+    adapter_attr_names: tuple[str, ...] = ()
+    method_name: str = ""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.batch_adapter_names: list[str] | None = None
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in self.adapter_param_names:
+            names.update(dict.fromkeys(getattr(self, attr).keys()))
+        return list(names)
+
+    def get_base_layer(self) -> nn.Module:
+        return base_layer_of(self)
+
+    def set_adapter(self, adapter_names: list[str]) -> None:
+        self.active_adapters = [n for n in adapter_names if n in self.adapter_names]
+
+    def set_trainable(self, adapter_name: str, trainable: bool) -> None:
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                container[adapter_name].requires_grad_(trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        for attr in self.adapter_attr_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Live tensors of one adapter keyed as in the checkpoint, relative to this layer, name stripped."""
+        out: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                out[attr] = item
+            else:
+                out.update({f"{attr}.{k}": v for k, v in item.state_dict(keep_vars=True).items()})
+        return out
+
+    def iter_adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                item = container[adapter_name]
+                yield from [item] if isinstance(item, nn.Parameter) else item.parameters()
+
+    # ---- mixed batches -------------------------------------------------------------------------------------
+    def rows_per_adapter(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """Row indices of each adapter of the current mixed batch (beam search repeats each row)."""
+        names = self.batch_adapter_names or []
+        if batch_size % len(names):
+            raise ValueError(f"A mixed batch has {len(names)} adapter names for {batch_size} rows; pass one per row.")
+        repeat = batch_size // len(names)
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            rows.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+        return {name: torch.tensor(idx, dtype=torch.long) for name, idx in rows.items()}
+
+    # ---- merging -------------------------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The change to ``get_base_layer().weight`` that merging ``adapter_name`` makes, in the weight's layout."""
+        raise NotMergeableError(f"{self.method_name or type(self).__name__} adapters cannot be merged into weights.")
+
+    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.get_base_layer().weight
+        for name in names:
+            if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            delta = self.delta_weight(name)
+            if safe:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"Merging adapter {name!r} into {type(self).__name__} gives non-finite weights; the adapter is "
+                        "broken (NaN/inf). Nothing was merged."
+                    )
+                weight.data.copy_(merged)
+            else:
+                weight.data.add_(delta)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            weight.data.sub_(self.delta_weight(self.merged_adapters.pop()))
+
+    def _skip_adapters(self) -> bool:
+        return self.disable_adapters or not self.active_adapters
+
+
+class ModulesToSaveWrapper(AdapterLayer):
+    """A full trainable copy of a module per adapter (e.g. the classification head).
+
+    ``forward`` runs the copy of the first active adapter that has one, else the original module. The
+    checkpoint stores the copy under the original module's name, as HF peft does.
+    """
+
+    adapter_param_names = ("modules_to_save",)
+    method_name = "modules_to_save"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def update_layer(self, adapter_name: str) -> None:
+        trained = copy.deepcopy(self.get_base_layer())
+        self.modules_to_save[adapter_name] = trained
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        if adapter_name not in self.modules_to_save:
+            return {}
+        return dict(self.modules_to_save[adapter_name].state_dict(keep_vars=True))
+
+    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+        # The copy replaces the original in merge_and_unload; nothing to fold in place.
+        return None
+
+    def unmerge(self) -> None:
+        return None
+
+    def merged_module(self, adapter_names: list[str] | None) -> nn.Module:
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.modules_to_save]
+        return self.modules_to_save[names[0]] if names else self.base_layer
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, **kwargs)
+        if self._skip_adapters():
+            return self.base_layer(x, *args, **kwargs)
+        return self.modules_to_save[self.active_adapters[0]](x, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, rows in self.rows_per_adapter(x.shape[0]).items():
+            rows = rows.to(x.device)
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.base_layer
+            outputs.append((rows, module(x[rows], *args, **kwargs)))
+        first = outputs[0][1]
+        result = first.new_empty((x.shape[0], *first.shape[1:]))
+        for rows, out in outputs:
+            result[rows] = out
+        return result

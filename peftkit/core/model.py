@@ -1,0 +1,402 @@
+"""``PeftModel``: a frozen base model plus named adapters, with HF peft's public API.
+
+The base model sits at ``peft_model.base_model.model`` (as in HF peft) so parameter names, and with them the
+checkpoint keys, are HF peft's. Nothing here knows a method by name: every method-specific decision is a
+hook of the method class found in the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.core import checkpoint as ckpt
+from peftkit.core.config import PeftConfig, TunerConfig
+from peftkit.core.errors import AdapterNotFoundError, CheckpointError, NotMergeableError, PeftConfigError
+from peftkit.core.inject import adapter_layers, add_modules_to_save, inject_adapter, remove_adapter, replace_module
+from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper
+from peftkit.core.registry import PeftMethod, method_for
+from peftkit.integrations.transformers import task_head_names
+
+__all__ = ["PeftModel", "get_peft_model"]
+
+
+class _BaseModelHost(nn.Module):
+    """Holds the user's model as ``.model`` so names read ``base_model.model.<path>`` as in HF peft."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A base model with one or more adapters injected.
+
+    Args:
+        model: Any ``nn.Module``; transformers models get architecture defaults and task heads.
+        peft_config: The first adapter's config.
+        adapter_name: The first adapter's name.
+
+    Raises:
+        TargetModuleError, PeftConfigError: the config does not fit the model; the model is left unchanged.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = _BaseModelHost(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self._base_snapshot: dict[str, torch.Tensor] = {}
+        self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        try:
+            self.add_adapter(adapter_name, peft_config)
+        except BaseException:
+            self._restore_requires_grad()
+            raise
+        self.set_adapter(adapter_name)
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
+            # Reentrant checkpointing drops gradients unless the checkpointed block's input requires grad.
+            model.enable_input_require_grads()
+
+    # ---- pass-through --------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    # ---- adapters ------------------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def _layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        return adapter_layers(self.base_model.model)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Inject a new adapter (inactive until ``set_adapter``). On any error the model is left as it was."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"Adapter name {adapter_name!r} must be a non-empty string without '.'.")
+        if adapter_name == BASE_ADAPTER_NAME:
+            raise ValueError(f"{BASE_ADAPTER_NAME!r} is reserved for base-model rows of a mixed batch.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} exists already; delete_adapter it first or pick a new name.")
+        method = method_for(peft_config)
+        config = self._complete_config(peft_config, method)
+        model = self.base_model.model
+        try:
+            inject_adapter(model, method, config, adapter_name)
+            if isinstance(config, TunerConfig) and config.modules_to_save:
+                add_modules_to_save(model, config.modules_to_save, adapter_name)
+            for name in method.trainable_base_parameters(model, config):
+                param = model.get_parameter(name)
+                self._base_snapshot.setdefault(name, param.detach().clone())
+        except BaseException:
+            remove_adapter(model, adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        for _, layer in self._layers():  # new layers follow the model's active set; the new adapter stays inactive
+            layer.set_adapter(self._active)
+        self._apply_trainability()
+
+    def _complete_config(self, config: PeftConfig, method: type[PeftMethod]) -> PeftConfig:
+        """Fill what the user left to defaults: targets for the architecture, the task head."""
+        if not isinstance(config, TunerConfig):
+            return config
+        model = self.base_model.model
+        changes: dict[str, Any] = {}
+        if config.target_modules is None:
+            defaults = method.default_target_modules(model)
+            if defaults is None:
+                raise PeftConfigError(
+                    f"{type(config).__name__}.target_modules is None and peftkit has no default for "
+                    f"{type(model).__name__}; pass target_modules (names from model.named_modules())."
+                )
+            changes["target_modules"] = defaults
+        heads = [h for h in task_head_names(model, config.task_type) if h not in (config.modules_to_save or [])]
+        if heads:
+            changes["modules_to_save"] = (config.modules_to_save or []) + heads
+        return dataclasses.replace(config, **changes) if changes else config
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make one adapter, or several that add up, active; only active adapters are trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known(names)
+        for _, layer in self._layers():
+            layer.set_adapter(names)
+        self._active = names
+        self._apply_trainability()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known([adapter_name])
+        remove_adapter(self.base_model.model, adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self._active if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self._active = []
+
+    def _check_known(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterNotFoundError(f"Adapter(s) {unknown} not loaded; loaded adapters: {list(self.peft_config)}.")
+
+    def _apply_trainability(self) -> None:
+        model = self.base_model.model
+        for name, config in self.peft_config.items():
+            trainable = name in self._active and not config.inference_mode
+            for _, layer in self._layers():
+                layer.set_trainable(name, trainable)
+            for param_name in method_for(config).trainable_base_parameters(model, config):
+                model.get_parameter(param_name).requires_grad_(trainable)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model: ``with model.disable_adapter(): ...``."""
+        layers = [layer for _, layer in self._layers()]
+        previous = [layer.disable_adapters for layer in layers]
+        try:
+            for layer in layers:
+                layer.disable_adapters = True
+            yield
+        finally:
+            for layer, was in zip(layers, previous):
+                layer.disable_adapters = was
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        self._check_mixed_batch(list(adapter_names), args, kwargs)
+        layers = [layer for _, layer in self._layers()]
+        try:
+            for layer in layers:
+                layer.batch_adapter_names = list(adapter_names)
+            yield
+        finally:
+            for layer in layers:
+                layer.batch_adapter_names = None
+
+    def _check_mixed_batch(self, names: list[str], args: tuple, kwargs: dict) -> None:
+        if self.training:
+            raise ValueError("Mixed-batch inference (adapter_names=...) needs eval mode; call model.eval() first.")
+        self._check_known([n for n in dict.fromkeys(names) if n != BASE_ADAPTER_NAME])
+        merged = sorted({n for _, layer in self._layers() for n in layer.merged_adapters})
+        if merged:
+            raise ValueError(f"Adapter(s) {merged} are merged; call unmerge_adapter() before a mixed batch.")
+        for name in dict.fromkeys(names):
+            if name != BASE_ADAPTER_NAME and not method_for(self.peft_config[name]).supports_mixed_batch:
+                raise NotImplementedError(f"{self.peft_config[name].peft_type} adapters do not support mixed batches.")
+        first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] != len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {first.shape[0]}; pass one per row.")
+
+    # ---- merging -------------------------------------------------------------------------------------------
+    def _check_mergeable(self, names: list[str]) -> None:
+        for name in names:
+            if not method_for(self.peft_config[name]).mergeable:
+                raise NotMergeableError(
+                    f"Adapter {name!r} is {self.peft_config[name].peft_type}, which cannot be merged into the base "
+                    "weights; use unload() to remove it, or keep it unmerged."
+                )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; ``unmerge_adapter`` undoes it."""
+        names = self._active if adapter_names is None else list(adapter_names)
+        self._check_known(names)
+        self._check_mergeable(names)
+        for _, layer in self._layers():
+            layer.merge(names, safe=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self._layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters into the weights and return the plain base model (trained heads included)."""
+        names = self._active if adapter_names is None else list(adapter_names)
+        self._check_known(names)
+        self._check_mergeable(names)
+        model = self.base_model.model
+        layers = list(self._layers())
+        if safe_merge:  # all-or-nothing: a bad adapter must not leave half the layers merged
+            for _, layer in layers:
+                layer.merge(names, safe=True)
+        for name, layer in reversed(layers):
+            if isinstance(layer, ModulesToSaveWrapper):
+                replace_module(model, name, layer.merged_module(names))
+            else:
+                layer.merge(names, safe=False)
+                replace_module(model, name, layer.base_layer)
+        return model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter and return the base model with its original modules and weights."""
+        model = self.base_model.model
+        for name, layer in reversed(list(self._layers())):
+            layer.unmerge()
+            replace_module(model, name, layer.base_layer)
+        with torch.no_grad():
+            for name, original in self._base_snapshot.items():
+                model.get_parameter(name).copy_(original)
+        self._restore_requires_grad()
+        return model
+
+    def _restore_requires_grad(self) -> None:
+        for name, param in self.base_model.model.named_parameters():
+            if name in self._requires_grad_before:
+                param.requires_grad_(self._requires_grad_before[name])
+
+    # ---- parameters ----------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; adapter copies of heads count, as in HF peft."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def get_adapter_state_dict(self, adapter_name: str, live: bool = False) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed as in the checkpoint (``base_model.model.<path>...``)."""
+        self._check_known([adapter_name])
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self._layers():
+            for key, tensor in layer.adapter_tensors(adapter_name).items():
+                out[f"{ckpt.KEY_PREFIX}{path}.{key}"] = tensor
+        config = self.peft_config[adapter_name]
+        model = self.base_model.model
+        for name in method_for(config).trainable_base_parameters(model, config):
+            out[ckpt.KEY_PREFIX + name] = model.get_parameter(name)
+        return out if live else {k: v.detach() for k, v in out.items()}
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **kwargs: Any
+    ) -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        The "default" adapter goes into ``save_directory``, others into ``save_directory/<name>`` (HF layout).
+        """
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("peftkit writes safetensors only; drop safe_serialization=False.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self._check_known(names)
+        for name in names:
+            directory = os.path.join(save_directory, "" if name == "default" else name)
+            os.makedirs(directory, exist_ok=True)
+            ckpt.atomic_save_safetensors(os.path.join(directory, ckpt.WEIGHTS_NAME), self.get_adapter_state_dict(name))
+            config = self.peft_config[name]
+            base_name = config.base_model_name_or_path or getattr(getattr(self, "config", None), "name_or_path", None)
+            dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name or None).save_pretrained(
+                directory
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load a saved adapter onto ``model``. On any error ``model`` is left exactly as it was.
+
+        Raises:
+            PeftConfigError, CheckpointError: missing, corrupt or ill-fitting files; the message lists every
+                problem found.
+        """
+        model_id = os.fspath(model_id)
+        subfolder = kwargs.get("subfolder")
+        directory = os.path.join(model_id, subfolder) if subfolder else model_id
+        config = config or PeftConfig.from_pretrained(directory)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        weights = ckpt.read_adapter_weights(directory)
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_model._load_weights(adapter_name, weights, directory)
+        except BaseException:
+            peft_model.unload()
+            raise
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> None:
+        """Load a saved adapter next to the ones present (inactive until ``set_adapter``)."""
+        directory = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
+        config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
+        weights = ckpt.read_adapter_weights(directory)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(adapter_name, weights, directory)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        self.set_adapter(self._active or [adapter_name])
+
+    def _load_weights(self, adapter_name: str, weights: dict[str, torch.Tensor], where: str) -> None:
+        expected = self.get_adapter_state_dict(adapter_name, live=True)
+        problems = ckpt.check_against_model(weights, expected, where)
+        if problems:
+            raise CheckpointError(
+                f"The checkpoint in {where!r} does not fit this model ({len(problems)} problem(s)); nothing was "
+                "loaded:\n  - " + "\n  - ".join(problems)
+            )
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(weights[key].to(dtype=target.dtype, device=target.device))
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config`` (HF peft's entry point)."""
+    return PeftModel(model, peft_config, adapter_name)

@@ -1,0 +1,108 @@
+"""One registry keyed on the config class; the core looks methods up here and never by name.
+
+A method module defines a config dataclass and a :class:`PeftMethod` subclass decorated with
+``@register(MyConfig)``. Importing the module (one line in ``peftkit/methods/__init__.py``) is all it takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+from torch import nn
+
+from peftkit.core.config import PeftConfig
+from peftkit.core.errors import PeftConfigError
+from peftkit.core.layer import AdapterLayer
+
+__all__ = ["PeftMethod", "register", "method_for", "config_class_for", "registered_peft_types"]
+
+_METHODS: dict[type[PeftConfig], type[PeftMethod]] = {}
+_CONFIGS_BY_TYPE: dict[str, type[PeftConfig]] = {}
+
+
+class PeftMethod:
+    """The hooks the core calls for one method. All are classmethods; a method holds no state of its own.
+
+    Attributes:
+        layer_class: Base class of this method's layers; a module that is an instance already gets the new
+            adapter added to it instead of a second wrapper.
+        mergeable: Whether ``merge_and_unload`` can fold the method into the base weights.
+        supports_mixed_batch: Whether ``forward(adapter_names=...)`` can route rows through this method.
+    """
+
+    config_class: ClassVar[type[PeftConfig]]
+    layer_class: ClassVar[type[AdapterLayer]]
+    mergeable: ClassVar[bool] = True
+    supports_mixed_batch: ClassVar[bool] = True
+
+    @classmethod
+    def name(cls) -> str:
+        return cls.config_class.peft_type
+
+    @classmethod
+    def default_target_modules(cls, model: nn.Module) -> list[str] | None:
+        """Targets used when the config gives none, or None when the architecture is unknown."""
+        return None
+
+    @classmethod
+    def layer_for(cls, target: nn.Module, config: PeftConfig, adapter_name: str, module_name: str) -> AdapterLayer:
+        """Wrap ``target`` in a new layer holding ``adapter_name``.
+
+        Raises:
+            TargetModuleError: the module type is not supported (the message lists the supported ones).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def update_layer(cls, layer: AdapterLayer, config: PeftConfig, adapter_name: str, module_name: str) -> None:
+        """Add ``adapter_name`` to a layer of this method that already exists."""
+        layer.update_layer(adapter_name, config, module_name)  # type: ignore[operator]
+
+    @classmethod
+    def trainable_base_parameters(cls, model: nn.Module, config: PeftConfig) -> list[str]:
+        """Names (in ``model``) of existing base parameters the method trains and saves, e.g. biases."""
+        return []
+
+
+def register(config_class: type[PeftConfig]) -> Callable[[type[PeftMethod]], type[PeftMethod]]:
+    """Class decorator binding a method to its config class.
+
+    Raises:
+        ValueError: the config has no ``peft_type`` or it is registered already.
+    """
+
+    def decorate(method: type[PeftMethod]) -> type[PeftMethod]:
+        peft_type = config_class.peft_type
+        if not peft_type or peft_type != peft_type.upper():
+            raise ValueError(f"{config_class.__name__}.peft_type must be an upper-case name, got {peft_type!r}.")
+        if peft_type in _CONFIGS_BY_TYPE or config_class in _METHODS:
+            raise ValueError(f"peft_type {peft_type!r} is registered twice ({config_class.__name__}).")
+        method.config_class = config_class
+        _METHODS[config_class] = method
+        _CONFIGS_BY_TYPE[peft_type] = config_class
+        return method
+
+    return decorate
+
+
+def method_for(config: PeftConfig) -> type[PeftMethod]:
+    for klass in type(config).__mro__:
+        if klass in _METHODS:
+            return _METHODS[klass]
+    raise PeftConfigError(
+        f"{type(config).__name__} is not a registered method config; use one of "
+        f"{sorted(c.__name__ for c in _METHODS)}."
+    )
+
+
+def config_class_for(peft_type: str) -> type[PeftConfig]:
+    import peftkit.methods  # noqa: F401  (fills the registry)
+
+    if peft_type not in _CONFIGS_BY_TYPE:
+        raise PeftConfigError(f"Unknown peft_type {peft_type!r}; peftkit knows {registered_peft_types()}.")
+    return _CONFIGS_BY_TYPE[peft_type]
+
+
+def registered_peft_types() -> list[str]:
+    return sorted(_CONFIGS_BY_TYPE)

@@ -1,0 +1,7 @@
+"""Every method module; importing one registers it (adding a method = one line here)."""
+
+from __future__ import annotations
+
+from peftkit.methods import lora
+
+__all__ = ["lora"]

@@ -1,0 +1,368 @@
+"""LoRA: low-rank updates beside frozen linear, embedding and convolution layers.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", https://arxiv.org/abs/2106.09685.
+Reference behaviour and checkpoint layout: Hugging Face peft (keys ``<path>.lora_A.weight`` etc.)::
+
+    x ──► W0 (frozen) ──────────────┐
+    └──► dropout ─► A (r×in) ─► B (out×r) ─► ·(α/r) ─► + ─► h
+
+Merging folds ``(α/r)·B A`` into ``W0``; after that the layer costs exactly the base layer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.core.config import TunerConfig
+from peftkit.core.errors import PeftConfigError, TargetModuleError
+from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, base_layer_of
+from peftkit.core.registry import PeftMethod, register
+from peftkit.integrations.transformers import model_type
+
+__all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMethod"]
+
+# Query and value projections: the LoRA paper (Sec. 7.1) finds Wq+Wv as good as all four projections.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"], "falcon": ["query_key_value"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "albert": ["query", "value"], "vit": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "whisper": ["q_proj", "v_proj"],
+}
+
+
+@dataclass(kw_only=True)
+class LoraConfig(TunerConfig):
+    """LoRA settings, with Hugging Face peft's names and defaults.
+
+    Args:
+        r: Rank of the update (default 8).
+        lora_alpha: Scale numerator: the update is multiplied by ``lora_alpha / r`` (default 8).
+        lora_dropout: Dropout on the adapter input (default 0.0).
+        fan_in_fan_out: The base weight is stored ``(in, out)``, as in GPT-2's ``Conv1D`` (set automatically there).
+        bias: ``"none"``, ``"all"`` (train every bias of the model) or ``"lora_only"`` (biases of wrapped layers).
+            Trained biases are saved in the checkpoint and restored by ``unload()``.
+        use_rslora: Scale by ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA, arXiv:2312.03732).
+        init_lora_weights: True (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r), B zero), or False
+            (B random too, so the adapter changes the output at once; for tests).
+        rank_pattern: ``{module name or regex: r}`` overriding ``r`` for matching modules.
+        alpha_pattern: ``{module name or regex: alpha}`` overriding ``lora_alpha``.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    hf_unsupported_fields: ClassVar[dict[str, Any]] = {
+        "use_dora": False, "lora_bias": False, "layer_replication": None, "loftq_config": {}, "megatron_config": None,
+        "eva_config": None, "corda_config": None, "target_parameters": None, "trainable_token_indices": None,
+        "use_qalora": False, "qalora_group_size": 16, "alora_invocation_tokens": None, "arrow_config": None,
+        "ensure_weight_tying": False, "kasa_config": None, "lora_ga_config": None, "monteclora_config": None,
+        "use_bdlora": None, "velora_config": None, "runtime_config": None,
+    }
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise PeftConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise PeftConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise PeftConfigError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise PeftConfigError(
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not supported; use True, 'gaussian' "
+                "or False."
+            )
+        bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
+        if bad:
+            raise PeftConfigError(f"LoraConfig.rank_pattern values must be positive integers, got {bad}.")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """The rank and alpha for one module, after ``rank_pattern`` / ``alpha_pattern`` (HF's matching rule)."""
+        return _pattern_value(self.rank_pattern, module_name, self.r), _pattern_value(
+            self.alpha_pattern, module_name, self.lora_alpha
+        )
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+class LoraLayer(AdapterLayer):
+    """Shared bookkeeping of LoRA layers: per-adapter A, B, dropout and scale ``α/r`` (or ``α/√r``)."""
+
+    adapter_param_names = ("lora_A", "lora_B")
+    adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling")
+    method_name = "LoRA"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        for attr in self.adapter_param_names:
+            setattr(self, attr, nn.ModuleDict() if attr in ("lora_A", "lora_B") else nn.ParameterDict())
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+
+    def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r, alpha = config.rank_and_alpha(module_name)
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
+        self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        lora_a, lora_b = self._make_pair(r)
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = lora_a, lora_b
+        self.reset_adapter_parameters(adapter_name, config.init_lora_weights)
+        weight = self.get_base_layer().weight
+        # Half-precision bases keep fp32 adapters (HF peft's autocast_adapter_dtype): updates of size lr·grad
+        # vanish when rounded to bf16.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        for container in (self.lora_A, self.lora_B):
+            container[adapter_name].to(device=weight.device, dtype=dtype)
+
+    def reset_adapter_parameters(self, adapter_name: str, init: bool | str) -> None:
+        """B = 0 so the delta is zero at step 0 (LoRA paper Sec. 4.1); A as in loralib / HF peft."""
+        lora_a, lora_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init is False:
+            nn.init.normal_(lora_b, std=0.02)
+            return
+        if init == "gaussian":
+            nn.init.normal_(lora_a, std=1 / self.r[adapter_name])
+        else:
+            # kaiming_uniform with a=sqrt(5) is nn.Linear's own init, which loralib uses for A.
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        nn.init.zeros_(lora_b)
+
+    def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        x = x.to(lora_a.weight.dtype)
+        return lora_b(lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, result)
+        if self._skip_adapters():
+            return result
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = result + self._adapter_delta(name, x).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        for name, rows in self.rows_per_adapter(x.shape[0]).items():
+            if name in self.r:
+                rows = rows.to(x.device)
+                result = result.index_add(0, rows, self._adapter_delta(name, x[rows]).to(result.dtype))
+        return result
+
+    def _delta_dtype(self) -> torch.dtype:
+        # CPU half-precision matmul is slow and loses precision; compute the delta in fp32 and cast once.
+        weight = self.get_base_layer().weight
+        return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` or transformers ``Conv1D``: ``h = W0 x + (α/r) · B A dropout(x)``.
+
+    Args:
+        base_layer: The frozen layer; ``Conv1D`` stores ``W0`` as ``(in, out)`` (``fan_in_fan_out``).
+        adapter_name: Name of the first adapter.
+        config: Its ``LoraConfig``.
+        module_name: Full module name, for ``rank_pattern`` / ``alpha_pattern``.
+
+    Shapes: ``x (..., in)`` → ``h (..., out)``; ``A (r, in)``, ``B (out, r)``.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        super().__init__(base_layer)
+        base = base_layer_of(base_layer)
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)
+        self.in_features, self.out_features = (
+            tuple(base.weight.shape) if self.fan_in_fan_out else (base.in_features, base.out_features)
+        )
+        self.update_layer(adapter_name, config, module_name)
+
+    def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
+        return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=False)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        dtype, weight = self._delta_dtype(), self.get_base_layer().weight
+        a, b = self.lora_A[adapter_name].weight.to(dtype), self.lora_B[adapter_name].weight.to(dtype)
+        delta = (b @ a) * self.scaling[adapter_name]  # (out, in)
+        return (delta.T if self.fan_in_fan_out else delta).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, result)
+        if self._skip_adapters():
+            return result
+        out_shape = result.shape
+        result = result.reshape(-1, self.out_features)
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+            hidden = F.linear(self.lora_dropout[name](x.to(lora_a.dtype)), lora_a).reshape(-1, lora_a.shape[0])
+            # addmm adds B·hidden and applies the scale inside one GEMM, sparing two passes over the output.
+            result = torch.addmm(result, hidden.to(result.dtype), lora_b.T.to(result.dtype), alpha=self.scaling[name])
+        return result.view(out_shape)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # One batched matmul with per-row (A, B) is cheaper than gathering and scattering each adapter's rows;
+        # rows for the base model (or adapters absent here) get zero weights. Ranks are zero-padded to the max.
+        names = self.batch_adapter_names or []
+        repeat = x.shape[0] // len(names)
+        present = [n for n in dict.fromkeys(names) if n in self.r]
+        if not present:
+            return result
+        r_max = max(self.r[n] for n in present)
+        dtype = self.lora_A[present[0]].weight.dtype
+        a_stack = x.new_zeros((len(present) + 1, r_max, self.in_features), dtype=dtype)
+        b_stack = x.new_zeros((len(present) + 1, self.out_features, r_max), dtype=dtype)
+        for i, name in enumerate(present):
+            a_stack[i, : self.r[name]] = self.lora_A[name].weight
+            b_stack[i, :, : self.r[name]] = self.lora_B[name].weight * self.scaling[name]
+        slot = {n: i for i, n in enumerate(present)}
+        row_slot = torch.tensor([slot.get(n, len(present)) for n in names], device=x.device).repeat_interleave(repeat)
+        x3 = x.reshape(x.shape[0], -1, self.in_features).to(dtype)  # (B, T, in)
+        delta = torch.bmm(torch.bmm(x3, a_stack[row_slot].transpose(1, 2)), b_stack[row_slot].transpose(1, 2))
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``E[x] + (α/r) · (A[:, x])ᵀ Bᵀ``, ``A (r, num_embeddings)``, ``B (dim, r)``.
+
+    A starts at zero and B Gaussian (HF peft's choice for embeddings), so the delta is zero at step 0.
+    """
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        super().__init__(base_layer)
+        self.update_layer(adapter_name, config, module_name)
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r, alpha = config.rank_and_alpha(module_name)
+        base = self.get_base_layer()
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
+        self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        kw = {"device": base.weight.device, "dtype": dtype}
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, base.num_embeddings, **kw))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(base.embedding_dim, r, **kw))
+        if config.init_lora_weights is not False:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        after_a = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type,
+                              base.scale_grad_by_freq, base.sparse)  # (..., r)
+        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        dtype, weight = self._delta_dtype(), self.get_base_layer().weight
+        a, b = self.lora_embedding_A[adapter_name].to(dtype), self.lora_embedding_B[adapter_name].to(dtype)
+        return ((b @ a).T * self.scaling[adapter_name]).to(weight.dtype)
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d``: A is a conv with the base kernel, B a 1×1 conv.
+
+    ``ΔW[o, i, k...] = (α/r) Σ_j B[o, j] A[j, i, k...]``.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        super().__init__(base_layer)
+        base = base_layer_of(base_layer)
+        if base.groups != 1:
+            raise TargetModuleError(f"LoRA on grouped convolutions is not supported ({module_name}: groups={base.groups}).")
+        self.update_layer(adapter_name, config, module_name)
+
+    def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
+        base = self.get_base_layer()
+        conv = type(base)
+        lora_a = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
+        return lora_a, conv(r, base.out_channels, 1, 1, bias=False)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        dtype, weight = self._delta_dtype(), self.get_base_layer().weight
+        a, b = self.lora_A[adapter_name].weight.to(dtype), self.lora_B[adapter_name].weight.to(dtype)
+        delta = (b.flatten(1) @ a.flatten(1)).reshape(weight.shape) * self.scaling[adapter_name]
+        return delta.to(weight.dtype)
+
+
+@register(LoraConfig)
+class LoraMethod(PeftMethod):
+    """Wraps linear, Conv1D, embedding and convolution layers with LoRA layers."""
+
+    layer_class = LoraLayer
+
+    @classmethod
+    def default_target_modules(cls, model: nn.Module) -> list[str] | None:
+        return DEFAULT_TARGETS.get(model_type(model) or "")
+
+    @classmethod
+    def layer_for(cls, target: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> AdapterLayer:
+        base = base_layer_of(target)
+        if isinstance(base, nn.Linear) or (type(base).__name__ == "Conv1D" and hasattr(base, "nf")):
+            return LoraLinear(target, adapter_name, config, module_name)
+        if isinstance(base, nn.Embedding):
+            return LoraEmbedding(target, adapter_name, config, module_name)
+        if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            return LoraConv(target, adapter_name, config, module_name)
+        raise TargetModuleError(
+            f"LoRA cannot wrap {module_name} ({type(base).__name__}); supported: nn.Linear, transformers Conv1D, "
+            "nn.Embedding, nn.Conv1d, nn.Conv2d. Remove it from target_modules."
+        )
+
+    @classmethod
+    def trainable_base_parameters(cls, model: nn.Module, config: LoraConfig) -> list[str]:
+        if config.bias == "none":
+            return []
+        heads = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        names = []
+        for module_name, module in model.named_modules():
+            if any(module_name == h or module_name.startswith(h + ".") for h in heads):
+                continue
+            if config.bias == "lora_only" and not isinstance(module, LoraLayer):
+                continue
+            owner = base_layer_of(module) if isinstance(module, LoraLayer) else module
+            if getattr(owner, "bias", None) is not None and isinstance(owner.bias, nn.Parameter):
+                path = module_name + (".base_layer" * _depth(module))
+                names.append(f"{path}.bias" if path else "bias")
+        return sorted(set(names))
+
+
+def _depth(module: nn.Module) -> int:
+    depth = 0
+    while isinstance(module, AdapterLayer):
+        module, depth = module.base_layer, depth + 1
+    return depth
