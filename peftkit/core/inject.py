@@ -58,9 +58,21 @@ def inject_adapter(model: nn.Module, method: type[PeftMethod], config: PeftConfi
         owned = _owned_layer(module, method.layer_class)
         if owned is not None:
             method.update_layer(owned, config, adapter_name, name)
+            _follow_training_mode(owned, module.training)
         else:
-            replace_module(model, name, method.layer_for(module, config, adapter_name, name))
+            layer = method.layer_for(module, config, adapter_name, name)
+            _follow_training_mode(layer, module.training)
+            replace_module(model, name, layer)
     return targets
+
+
+def _follow_training_mode(layer: AdapterLayer, training: bool) -> None:
+    # New submodules (dropout!) start in training mode; an adapter added to a model in eval mode must not
+    # run dropout, and base_layer keeps whatever mode the user gave it.
+    layer.training = training
+    for child in layer.children():
+        if child is not layer.base_layer:
+            child.train(training)
 
 
 def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
