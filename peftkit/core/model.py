@@ -193,16 +193,19 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model: ``with model.disable_adapter(): ...``."""
+        """Run the base model: ``with model.disable_adapter(): ...``. Merged adapters are unmerged inside."""
         layers = [layer for _, layer in self._layers()]
-        previous = [layer.disable_adapters for layer in layers]
+        previous = [(layer.disable_adapters, list(layer.merged_adapters)) for layer in layers]
         try:
             for layer in layers:
+                layer.unmerge()
                 layer.disable_adapters = True
             yield
         finally:
-            for layer, was in zip(layers, previous):
-                layer.disable_adapters = was
+            for layer, (was_disabled, merged) in zip(layers, previous):
+                layer.disable_adapters = was_disabled
+                if merged:
+                    layer.merge(merged)
 
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
@@ -399,4 +402,6 @@ class PeftModel(nn.Module):
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
     """Wrap ``model`` with a new adapter described by ``peft_config`` (HF peft's entry point)."""
+    if isinstance(model, PeftModel):
+        raise ValueError("The model is a PeftModel already; use model.add_adapter(name, config) to add another.")
     return PeftModel(model, peft_config, adapter_name)
