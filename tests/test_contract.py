@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
+from cases import METHOD_CASES, MethodCase
 from conftest import make_inputs, make_model, model_logits
 from safetensors.torch import load_file
 
-from cases import METHOD_CASES, MethodCase
 from peftkit import AdapterLayer, PeftModel, get_peft_model
 from peftkit.core.layer import BASE_ADAPTER_NAME
 

@@ -102,7 +102,8 @@ def check_against_model(
     missing = sorted(set(expected) - set(checkpoint))
     unexpected = sorted(set(checkpoint) - set(expected))
     if missing:
-        problems.append(f"{len(missing)} adapter tensor(s) the model expects are missing from {where}: {_show(missing)}")
+        problems.append(f"{len(missing)} adapter tensor(s) the model expects are missing from {where}: "
+                        f"{_show(missing)}")
     if unexpected:
         problems.append(
             f"{len(unexpected)} tensor(s) in {where} match no adapter tensor of the model (another model or "

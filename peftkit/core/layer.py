@@ -141,7 +141,8 @@ class AdapterLayer(nn.Module):
                 merged = weight.data + delta
                 if not torch.isfinite(merged).all():
                     raise ValueError(
-                        f"Merging adapter {name!r} into {type(self).__name__} gives non-finite weights; the adapter is "
+                        f"Merging adapter {name!r} into {type(self).__name__} gives non-finite weights; the adapter "
+                        "is "
                         "broken (NaN/inf). Nothing was merged."
                     )
                 weight.data.copy_(merged)

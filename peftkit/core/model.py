@@ -151,9 +151,11 @@ class PeftModel(nn.Module):
                     f"{type(model).__name__}; pass target_modules (names from model.named_modules())."
                 )
             changes["target_modules"] = defaults
-        heads = [h for h in task_head_names(model, config.task_type) if h not in (config.modules_to_save or [])]
-        if heads:
-            changes["modules_to_save"] = (config.modules_to_save or []) + heads
+        absent = task_head_names(model, config.task_type, present=False)
+        kept = [m for m in config.modules_to_save or [] if m not in absent]
+        heads = [h for h in task_head_names(model, config.task_type) if h not in kept]
+        if heads or len(kept) != len(config.modules_to_save or []):
+            changes["modules_to_save"] = (kept + heads) or None
         return dataclasses.replace(config, **changes) if changes else config
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -234,7 +236,9 @@ class PeftModel(nn.Module):
                 raise NotImplementedError(f"{self.peft_config[name].peft_type} adapters do not support mixed batches.")
         first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] != len(names):
-            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {first.shape[0]}; pass one per row.")
+            raise ValueError(
+                f"adapter_names has {len(names)} entries for a batch of {first.shape[0]}; pass one per row."
+            )
 
     # ---- merging -------------------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:
@@ -305,7 +309,8 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def get_adapter_state_dict(self, adapter_name: str, live: bool = False) -> dict[str, torch.Tensor]:
@@ -338,9 +343,8 @@ class PeftModel(nn.Module):
             ckpt.atomic_save_safetensors(os.path.join(directory, ckpt.WEIGHTS_NAME), self.get_adapter_state_dict(name))
             config = self.peft_config[name]
             base_name = config.base_model_name_or_path or getattr(getattr(self, "config", None), "name_or_path", None)
-            dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name or None).save_pretrained(
-                directory
-            )
+            saved = dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name or None)
+            saved.save_pretrained(directory)
 
     @classmethod
     def from_pretrained(
@@ -400,7 +404,9 @@ class PeftModel(nn.Module):
                 target.copy_(weights[key].to(dtype=target.dtype, device=target.device))
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+) -> PeftModel:
     """Wrap ``model`` with a new adapter described by ``peft_config`` (HF peft's entry point)."""
     if isinstance(model, PeftModel):
         raise ValueError("The model is a PeftModel already; use model.add_adapter(name, config) to add another.")

@@ -20,8 +20,9 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def task_head_names(model: nn.Module, task_type: str | None) -> list[str]:
-    """Names of the task head modules that exist in ``model`` for ``task_type``."""
+def task_head_names(model: nn.Module, task_type: str | None, present: bool = True) -> list[str]:
+    """Names of the task head modules for ``task_type`` that exist in ``model`` (or, with
+    ``present=False``, that do not: HF peft writes ``["classifier", "score"]`` whichever the model has)."""
     wanted = _TASK_HEADS.get(task_type or "", ())
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    return [name for name in wanted if name in present]
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [name for name in wanted if (name in leaves) == present]

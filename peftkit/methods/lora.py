@@ -303,7 +303,9 @@ class LoraConv(LoraLayer):
         super().__init__(base_layer)
         base = base_layer_of(base_layer)
         if base.groups != 1:
-            raise TargetModuleError(f"LoRA on grouped convolutions is not supported ({module_name}: groups={base.groups}).")
+            raise TargetModuleError(
+                f"LoRA on grouped convolutions is not supported ({module_name}: groups={base.groups})."
+            )
         self.update_layer(adapter_name, config, module_name)
 
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
