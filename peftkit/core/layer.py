@@ -70,6 +70,15 @@ class AdapterLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         return base_layer_of(self)
 
+    # Model code reads these off the modules it owns (T5 checks ``self.wo.weight.dtype``); HF peft forwards them.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
     def set_adapter(self, adapter_names: list[str]) -> None:
         self.active_adapters = [n for n in adapter_names if n in self.adapter_names]
 
@@ -130,24 +139,30 @@ class AdapterLayer(nn.Module):
         """The change to ``get_base_layer().weight`` that merging ``adapter_name`` makes, in the weight's layout."""
         raise NotMergeableError(f"{self.method_name or type(self).__name__} adapters cannot be merged into weights.")
 
-    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+    def _to_merge(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else adapter_names
-        weight = self.get_base_layer().weight
+        return [n for n in names if n not in self.merged_adapters and n in self.adapter_names]
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise if merging would give non-finite weights; computed on a copy, nothing is written."""
+        names = self._to_merge(adapter_names)
+        if not names:
+            return
+        merged = self.get_base_layer().weight.detach().clone()
         for name in names:
-            if name in self.merged_adapters or name not in self.adapter_names:
-                continue
-            delta = self.delta_weight(name)
-            if safe:
-                merged = weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(
-                        f"Merging adapter {name!r} into {type(self).__name__} gives non-finite weights; the adapter "
-                        "is "
-                        "broken (NaN/inf). Nothing was merged."
-                    )
-                weight.data.copy_(merged)
-            else:
-                weight.data.add_(delta)
+            merged += self.delta_weight(name)
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"Merging adapter {name!r} into {type(self).__name__} gives non-finite weights (the adapter holds "
+                    "NaN/inf or overflows the dtype). Nothing was merged."
+                )
+
+    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+        if safe:
+            self.check_merge(adapter_names)
+        weight = self.get_base_layer().weight
+        for name in self._to_merge(adapter_names):
+            weight.data.add_(self.delta_weight(name))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -181,6 +196,9 @@ class ModulesToSaveWrapper(AdapterLayer):
         if adapter_name not in self.modules_to_save:
             return {}
         return dict(self.modules_to_save[adapter_name].state_dict(keep_vars=True))
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        return None
 
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
         # The copy replaces the original in merge_and_unload; nothing to fold in place.

@@ -186,12 +186,16 @@ class PeftModel(nn.Module):
 
     def _apply_trainability(self) -> None:
         model = self.base_model.model
+        layers = [layer for _, layer in self._layers()]
+        shared: dict[str, bool] = {}  # base parameters (biases) several adapters may train: trainable if any is
         for name, config in self.peft_config.items():
             trainable = name in self._active and not config.inference_mode
-            for _, layer in self._layers():
+            for layer in layers:
                 layer.set_trainable(name, trainable)
             for param_name in method_for(config).trainable_base_parameters(model, config):
-                model.get_parameter(param_name).requires_grad_(trainable)
+                shared[param_name] = shared.get(param_name, False) or trainable
+        for param_name, trainable in shared.items():
+            model.get_parameter(param_name).requires_grad_(trainable)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -254,8 +258,11 @@ class PeftModel(nn.Module):
         names = self._active if adapter_names is None else list(adapter_names)
         self._check_known(names)
         self._check_mergeable(names)
+        if safe_merge:  # all-or-nothing: a bad adapter must not leave half the layers merged
+            for _, layer in self._layers():
+                layer.check_merge(names)
         for _, layer in self._layers():
-            layer.merge(names, safe=safe_merge)
+            layer.merge(names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self._layers():
@@ -272,7 +279,7 @@ class PeftModel(nn.Module):
         layers = list(self._layers())
         if safe_merge:  # all-or-nothing: a bad adapter must not leave half the layers merged
             for _, layer in layers:
-                layer.merge(names, safe=True)
+                layer.check_merge(names)
         for name, layer in reversed(layers):
             if isinstance(layer, ModulesToSaveWrapper):
                 replace_module(model, name, layer.merged_module(names))
@@ -284,12 +291,13 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter and return the base model with its original modules and weights."""
         model = self.base_model.model
+        with torch.no_grad():  # before unwrapping: the names run through the adapter layers
+            for name, original in self._base_snapshot.items():
+                model.get_parameter(name).copy_(original)
+        self._base_snapshot = {}
         for name, layer in reversed(list(self._layers())):
             layer.unmerge()
             replace_module(model, name, layer.base_layer)
-        with torch.no_grad():
-            for name, original in self._base_snapshot.items():
-                model.get_parameter(name).copy_(original)
         self._restore_requires_grad()
         return model
 
@@ -391,16 +399,33 @@ class PeftModel(nn.Module):
             raise
         self.set_adapter(self._active or [adapter_name])
 
+    def _base_overrides(self, keys: list[str]) -> dict[str, nn.Parameter]:
+        """Checkpoint keys naming base parameters of wrapped modules, e.g. the full embedding matrix HF peft saves
+        with ``save_embedding_layers`` (new tokens); they are loaded into the base, and ``unload()`` restores it."""
+        model, layer_paths = self.base_model.model, {path for path, _ in self._layers()}
+        found = {}
+        for key in keys:
+            name = key[len(ckpt.KEY_PREFIX):] if key.startswith(ckpt.KEY_PREFIX) else key
+            owner, sep, _ = name.partition(".base_layer.")
+            if sep and owner in layer_paths:
+                with contextlib.suppress(AttributeError):
+                    found[key] = model.get_parameter(name)
+        return found
+
     def _load_weights(self, adapter_name: str, weights: dict[str, torch.Tensor], where: str) -> None:
         expected = self.get_adapter_state_dict(adapter_name, live=True)
-        problems = ckpt.check_against_model(weights, expected, where)
+        overrides = self._base_overrides([k for k in weights if k not in expected])
+        expected_all = {**expected, **overrides}
+        problems = ckpt.check_against_model(weights, expected_all, where)
         if problems:
             raise CheckpointError(
                 f"The checkpoint in {where!r} does not fit this model ({len(problems)} problem(s)); nothing was "
                 "loaded:\n  - " + "\n  - ".join(problems)
             )
         with torch.no_grad():
-            for key, target in expected.items():
+            for key, target in expected_all.items():
+                if key in overrides:
+                    self._base_snapshot.setdefault(key[len(ckpt.KEY_PREFIX):], target.detach().clone())
                 target.copy_(weights[key].to(dtype=target.dtype, device=target.device))
 
 

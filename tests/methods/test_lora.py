@@ -97,7 +97,9 @@ def _reference(kind: str, base: nn.Module, a: torch.Tensor, b: torch.Tensor, sca
 
 # ---- each layer type against its formula -----------------------------------------------------------------------
 @pytest.mark.parametrize("kind", list(LAYERS))
-@pytest.mark.parametrize(("r", "alpha", "rslora", "scale"), [(2, 6, False, 3.0), (4, 8, True, 4.0), (3, 3, False, 1.0)])
+@pytest.mark.parametrize(
+    ("r", "alpha", "rslora", "scale"), [(2, 6, False, 3.0), (4, 8, True, 4.0), (3, 3, False, 1.0)]
+)
 def test_forward_matches_formula_for_each_layer_type(kind, r, alpha, rslora, scale) -> None:
     make_layer, make_x = LAYERS[kind]
     base = make_layer()
@@ -132,7 +134,17 @@ def test_adapter_shapes_and_checkpoint_names_follow_hf_for_each_layer_type(kind,
     assert keys == {f"base_model.model.layer.{a_name}", f"base_model.model.layer.{a_name.replace('A', 'B')}"}
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2", "embedding", "conv1d", "conv2d"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_wrapped_layer_exposes_base_weight_and_bias_for_model_code(kind) -> None:
+    # Model code reads attributes of the layers it owns (T5's DenseReluDense checks ``self.wo.weight.dtype``);
+    # HF peft's layers forward ``weight``/``bias`` to the base layer, so a wrapped layer must too.
+    base = LAYERS[kind][0]()
+    layer = _wrap(base, r=2).base_model.model.layer
+    assert layer.weight is base.weight
+    assert getattr(layer, "bias", None) is getattr(base, "bias", None)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
 def test_merged_delta_weight_equals_unmerged_output_for_each_layer_type(kind) -> None:
     make_layer, make_x = LAYERS[kind]
     model = _wrap(make_layer(), r=3, lora_alpha=5).eval()
