@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from peftkit.core.config import CONFIG_NAME
 from peftkit.core.errors import CheckpointError
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "KEY_PREFIX",
     "atomic_write_bytes",
     "atomic_save_safetensors",
+    "write_adapter_files",
     "read_adapter_weights",
     "check_against_model",
 ]
@@ -32,33 +34,63 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
-    os.close(fd)
+def _atomic_write(writes: dict[str, Callable[[str], None]]) -> None:
+    """Write every file to a temporary name beside it, fsync, then rename them all.
+
+    The slow part (writing) happens before any rename, so a failure there leaves the old files, as a pair,
+    untouched; only the renames, which are atomic each, come after.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    temps: dict[str, str] = {}
     try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for path, write in writes.items():
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path),
+                                       dir=os.path.dirname(os.path.abspath(path)))
+            os.close(fd)
+            temps[path] = tmp
+            write(tmp)
+            # mkstemp (and safetensors) create files 0600; a checkpoint should get the usual umask-derived mode.
+            os.chmod(tmp, 0o666 & ~umask)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def _bytes_writer(data: bytes) -> Callable[[str], None]:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
 
-    _atomic_write(path, write)
+    return write
+
+
+def _safetensors_writer(tensors: dict[str, torch.Tensor]) -> Callable[[str], None]:
+    # Clone so that tied or overlapping views never reach safetensors, which refuses shared storage.
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"})
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    _atomic_write({path: _bytes_writer(data)})
 
 
 def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    # Clone so that tied or overlapping views never reach safetensors, which refuses shared storage.
-    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
+    _atomic_write({path: _safetensors_writer(tensors)})
+
+
+def write_adapter_files(directory: str, tensors: dict[str, torch.Tensor], config_json: str) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` of one adapter as a pair."""
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write({
+        os.path.join(directory, WEIGHTS_NAME): _safetensors_writer(tensors),
+        os.path.join(directory, CONFIG_NAME): _bytes_writer(config_json.encode("utf-8")),
+    })
 
 
 def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:

@@ -22,6 +22,9 @@ CONFIG_NAME = "adapter_config.json"
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
+# A neutral value meaning "ignored whatever it holds": settings of a feature that has its own on/off field.
+ANY_VALUE = object()
+
 # Keys HF peft writes for bookkeeping only; reading them changes nothing, so they are dropped quietly.
 _HF_METADATA_KEYS = frozenset({"auto_mapping", "peft_version", "revision", "megatron_core"})
 
@@ -74,7 +77,7 @@ class PeftConfig:
             PeftConfigError: unknown ``peft_type``, unknown fields (listing the valid ones), or an HF-only
                 feature that is switched on.
         """
-        from peftkit.core.registry import config_class_for
+        from peftkit.core.registry import config_class_for, registered_peft_types
 
         data = dict(data)
         peft_type = data.pop("peft_type", None)
@@ -87,7 +90,7 @@ class PeftConfig:
                     f"load it with PeftConfig.from_pretrained or {target_cls.__name__}."
                 )
         elif cls is PeftConfig:
-            raise PeftConfigError("The config has no 'peft_type' field; add it (for example \"LORA\").")
+            raise PeftConfigError(f"The config has no 'peft_type' field; add one of {registered_peft_types()}.")
         return target_cls._from_fields(data)
 
     @classmethod
@@ -102,7 +105,8 @@ class PeftConfig:
                 continue
             if key in cls.hf_unsupported_fields:
                 neutral = cls.hf_unsupported_fields[key]
-                if value == neutral or (value in (None, {}, [], False) and neutral in (None, {}, [], False)):
+                off = (None, {}, [], False)
+                if neutral is ANY_VALUE or value == neutral or (value in off and neutral in off):
                     ignored.append(key)
                 else:
                     enabled_unsupported.append(f"{key}={value!r}")
@@ -122,13 +126,15 @@ class PeftConfig:
             logger.warning("Ignoring Hugging Face peft field(s) that are switched off: %s", ", ".join(sorted(ignored)))
         return cls(**data)
 
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` atomically into ``save_directory``."""
         from peftkit.core.checkpoint import atomic_write_bytes
 
         os.makedirs(save_directory, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), text.encode("utf-8"))
+        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode("utf-8"))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:

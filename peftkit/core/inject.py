@@ -48,10 +48,14 @@ def inject_adapter(model: nn.Module, method: type[PeftMethod], config: PeftConfi
     """
     if not isinstance(config, TunerConfig):
         return []
-    skip = set(config.modules_to_save or [])
+    heads = set(config.modules_to_save or [])
+    # Task heads (this adapter's, or copies other adapters own) are trained whole, never wrapped again.
+    skip = {
+        n for n, m in candidate_modules(model) if n.rsplit(".", 1)[-1] in heads or isinstance(m, ModulesToSaveWrapper)
+    }
     targets = match_targets(
         model, config.target_modules or [], config.exclude_modules, config.layers_to_transform,
-        config.layers_pattern, skip={n for n, _ in candidate_modules(model) if n.rsplit(".", 1)[-1] in skip},
+        config.layers_pattern, skip=skip,
     )
     for name in targets:
         module = model.get_submodule(name)

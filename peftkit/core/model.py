@@ -347,12 +347,10 @@ class PeftModel(nn.Module):
         self._check_known(names)
         for name in names:
             directory = os.path.join(save_directory, "" if name == "default" else name)
-            os.makedirs(directory, exist_ok=True)
-            ckpt.atomic_save_safetensors(os.path.join(directory, ckpt.WEIGHTS_NAME), self.get_adapter_state_dict(name))
             config = self.peft_config[name]
             base_name = config.base_model_name_or_path or getattr(getattr(self, "config", None), "name_or_path", None)
             saved = dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name or None)
-            saved.save_pretrained(directory)
+            ckpt.write_adapter_files(directory, self.get_adapter_state_dict(name), saved.to_json_string())
 
     @classmethod
     def from_pretrained(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.config import TunerConfig
+from peftkit.core.config import ANY_VALUE, TunerConfig
 from peftkit.core.errors import PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, base_layer_of
 from peftkit.core.registry import PeftMethod, register
@@ -64,7 +64,7 @@ class LoraConfig(TunerConfig):
     hf_unsupported_fields: ClassVar[dict[str, Any]] = {
         "use_dora": False, "lora_bias": False, "layer_replication": None, "loftq_config": {}, "megatron_config": None,
         "eva_config": None, "corda_config": None, "target_parameters": None, "trainable_token_indices": None,
-        "use_qalora": False, "qalora_group_size": 16, "alora_invocation_tokens": None, "arrow_config": None,
+        "use_qalora": False, "qalora_group_size": ANY_VALUE, "alora_invocation_tokens": None, "arrow_config": None,
         "ensure_weight_tying": False, "kasa_config": None, "lora_ga_config": None, "monteclora_config": None,
         "use_bdlora": None, "velora_config": None, "runtime_config": None,
     }

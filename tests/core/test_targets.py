@@ -36,7 +36,8 @@ def without_inputs_labels(kind: str) -> dict[str, torch.Tensor]:
 
 # ---- names, suffixes, regexes ----------------------------------------------------------------------------------
 def test_target_modules_selects_only_that_module_when_full_name_given() -> None:
-    assert targets_of("llama", target_modules=["model.layers.1.self_attn.q_proj"]) == ["model.layers.1.self_attn.q_proj"]
+    name = "model.layers.1.self_attn.q_proj"
+    assert targets_of("llama", target_modules=[name]) == [name]
 
 
 def test_target_modules_selects_every_match_when_dotted_suffix_given() -> None:
@@ -62,7 +63,9 @@ def test_target_modules_regex_selects_full_matches_only() -> None:
     ]
 
 
-@pytest.mark.parametrize("partial_regex", ["q_proj", r"layers\.0\.self_attn\.q_proj", r"model\.layers\.0\.self_attn\.q"])
+@pytest.mark.parametrize(
+    "partial_regex", ["q_proj", r"layers\.0\.self_attn\.q_proj", r"model\.layers\.0\.self_attn\.q"]
+)
 def test_target_modules_regex_selects_nothing_when_it_matches_only_part_of_a_name(partial_regex: str) -> None:
     model = make_model("llama")
     with pytest.raises(TargetModuleError, match="No module .* is selected"):
@@ -91,9 +94,8 @@ def test_all_linear_wraps_every_linear_layer_except_the_head(kind: str, extra: d
     all_lora = [n for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)]
     assert not [n for n in all_lora if n.split(".")[0] in heads]  # not the head, nor its trained copy
     if kind == "gpt2":  # Conv1D layers count as linear
-        assert {type(m.get_base_layer()).__name__ for _, m in peft_model.named_modules() if isinstance(m, LoraLayer)} == {
-            "Conv1D"
-        }
+        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        assert {type(m.get_base_layer()).__name__ for m in layers} == {"Conv1D"}
     if extra:
         assert isinstance(peft_model.get_base_model().classifier, ModulesToSaveWrapper)
 
@@ -250,3 +252,13 @@ def test_second_adapter_leaves_first_adapters_head_alone_when_it_targets_all_lin
     peft_model.add_adapter("second", LoraConfig(target_modules="all-linear"))
     assert sorted(peft_model.get_adapter_state_dict("default")) == keys_before
     assert isinstance(peft_model.get_base_model().classifier, ModulesToSaveWrapper)
+
+
+def test_second_adapter_keeps_active_adapters_biases_trainable_when_both_train_biases() -> None:
+    # bias="all" trains base biases shared by every adapter; adding an inactive adapter must not freeze them.
+    peft_model = get_peft_model(make_model("gpt2"), LoraConfig(bias="all"))
+    biases = [p for n, p in peft_model.named_parameters() if n.endswith(".bias") and "lora_" not in n]
+    assert biases and all(p.requires_grad for p in biases)
+    peft_model.add_adapter("second", LoraConfig(bias="all"))
+    assert peft_model.active_adapters == ["default"]
+    assert all(p.requires_grad for p in biases)
