@@ -75,9 +75,20 @@ class PeftModel(nn.Module):
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        if checkpointing and hasattr(model, "enable_input_require_grads"):
-            # Reentrant checkpointing drops gradients unless the checkpointed block's input requires grad.
+        if checkpointing:
+            self._inputs_require_grads()
+
+    def _inputs_require_grads(self) -> None:
+        # Reentrant checkpointing drops the gradients of a block whose inputs do not require grad, and with a
+        # frozen embedding they never do: the adapters inside the block would silently get no gradient.
+        model = self.base_model.model
+        if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Enable checkpointing on the base model, and make its inputs carry gradients so adapters train."""
+        self.base_model.model.gradient_checkpointing_enable(*args, **kwargs)
+        self._inputs_require_grads()
 
     # ---- pass-through --------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -108,3 +108,12 @@ def test_several_active_adapters_add_up() -> None:
         merged = model(**inputs).logits
     torch.testing.assert_close(merged, both, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(both, base)
+
+
+def test_gradient_checkpointing_enabled_after_wrapping_still_trains_adapters() -> None:
+    model = get_peft_model(make_model("llama"), LoraConfig(r=4, init_lora_weights=False))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    model(**make_inputs("llama")).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
