@@ -170,6 +170,11 @@ class AdapterLayer(nn.Module):
         while self.merged_adapters:
             weight.data.sub_(self.delta_weight(self.merged_adapters.pop()))
 
+    def merged_module(self, adapter_names: list[str] | None, dequantize: bool = False) -> nn.Module:
+        """What ``merge_and_unload`` puts back in place of this layer: the base layer with the adapters merged."""
+        self.merge(adapter_names)
+        return self.base_layer
+
     def _skip_adapters(self) -> bool:
         return self.disable_adapters or not self.active_adapters
 
@@ -207,7 +212,7 @@ class ModulesToSaveWrapper(AdapterLayer):
     def unmerge(self) -> None:
         return None
 
-    def merged_module(self, adapter_names: list[str] | None) -> nn.Module:
+    def merged_module(self, adapter_names: list[str] | None, dequantize: bool = False) -> nn.Module:
         names = [n for n in (adapter_names or self.active_adapters) if n in self.modules_to_save]
         return self.modules_to_save[names[0]] if names else self.base_layer
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +21,7 @@ from peftkit.core import checkpoint as ckpt
 from peftkit.core.config import PeftConfig, TunerConfig
 from peftkit.core.errors import AdapterNotFoundError, CheckpointError, NotMergeableError, PeftConfigError
 from peftkit.core.inject import adapter_layers, add_modules_to_save, inject_adapter, remove_adapter, replace_module
-from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper
+from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
 from peftkit.core.registry import PeftMethod, method_for
 from peftkit.integrations.transformers import task_head_names
 
@@ -97,14 +98,38 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model.model, name)
+        # Model-level calls a method offers (e.g. a rank allocator's update step), bound to this model.
+        for config in self.__dict__.get("peft_config", {}).values():
+            method = method_for(config)
+            if name in method.model_api:
+                return functools.partial(getattr(method, name), self)
+        return getattr(self.base_model.model, name)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward. In training, methods' auxiliary losses are added to ``outputs.loss``."""
         with self._mixed_batch(adapter_names, args, kwargs):
-            return self.base_model.model(*args, **kwargs)
+            outputs = self.base_model.model(*args, **kwargs)
+        if self.training and getattr(outputs, "loss", None) is not None:
+            extra = self.auxiliary_loss()
+            if extra is not None:
+                outputs.loss = outputs.loss + extra
+        return outputs
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Sum of the active adapters' regularisers (e.g. an orthogonality penalty), or None.
+
+        ``forward`` adds it to ``outputs.loss`` in training mode; a training loop that computes its own loss
+        from the logits adds ``model.auxiliary_loss()`` itself.
+        """
+        total = None
+        for name in self._active:
+            term = method_for(self.peft_config[name]).auxiliary_loss(self, name)
+            if term is not None:
+                total = term if total is None else total + term
+        return total
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         with self._mixed_batch(adapter_names, args, kwargs):
@@ -280,9 +305,18 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
     ) -> nn.Module:
-        """Merge adapters into the weights and return the plain base model (trained heads included)."""
+        """Merge adapters into the weights and return the plain base model (trained heads included).
+
+        Args:
+            dequantize: Layers over a quantized base become float layers holding the exact merged weight,
+                instead of being re-quantized (which rounds).
+        """
         names = self._active if adapter_names is None else list(adapter_names)
         self._check_known(names)
         self._check_mergeable(names)
@@ -292,11 +326,7 @@ class PeftModel(nn.Module):
             for _, layer in layers:
                 layer.check_merge(names)
         for name, layer in reversed(layers):
-            if isinstance(layer, ModulesToSaveWrapper):
-                replace_module(model, name, layer.merged_module(names))
-            else:
-                layer.merge(names, safe=False)
-                replace_module(model, name, layer.base_layer)
+            replace_module(model, name, layer.merged_module(names, dequantize=dequantize))
         return model
 
     def unload(self) -> nn.Module:

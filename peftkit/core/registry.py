@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from peftkit.core.config import PeftConfig
@@ -35,6 +36,8 @@ class PeftMethod:
     layer_class: ClassVar[type[AdapterLayer]]
     mergeable: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
+    # Names of classmethods ``fn(peft_model, *args)`` reachable as ``peft_model.fn(*args)``.
+    model_api: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def name(cls) -> str:
@@ -63,6 +66,11 @@ class PeftMethod:
     def trainable_base_parameters(cls, model: nn.Module, config: PeftConfig) -> list[str]:
         """Names (in ``model``) of existing base parameters the method trains and saves, e.g. biases."""
         return []
+
+    @classmethod
+    def auxiliary_loss(cls, peft_model: nn.Module, adapter_name: str) -> torch.Tensor | None:
+        """A regulariser added to the training loss while ``adapter_name`` is active, or None."""
+        return None
 
 
 def register(config_class: type[PeftConfig]) -> Callable[[type[PeftMethod]], type[PeftMethod]]:
