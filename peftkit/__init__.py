@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from peftkit import methods  # noqa: F401  (registers every method)
 from peftkit.core import (
     AdapterLayer,
@@ -20,11 +23,13 @@ from peftkit.core import (
     get_peft_model,
     register,
 )
+from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.lora import LoraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterLayer",
     "AdapterNotFoundError",
     "CheckpointError",
@@ -37,5 +42,17 @@ __all__ = [
     "TargetModuleError",
     "__version__",
     "get_peft_model",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
     "register",
 ]
+
+# Quantisation helpers resolve on first use, so `import peftkit` never imports bitsandbytes (an optional extra).
+_LAZY = {"quantize_model": "peftkit.integrations.bitsandbytes",
+         "prepare_model_for_kbit_training": "peftkit.integrations.bitsandbytes"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peftkit import LoraConfig, PeftConfig
+from peftkit import AdaLoraConfig, LoraConfig, PeftConfig
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,13 @@ class MethodCase:
 
 def _lora(**kw) -> tuple[Callable[[], PeftConfig], Callable[[], PeftConfig]]:
     return (lambda: LoraConfig(init_lora_weights=False, **kw)), (lambda: LoraConfig(**kw))
+
+
+def _adalora_case(case_id: str, model: str, **kw) -> MethodCase:
+    # init_lora_weights=False keeps HF peft's standard-normal P, λ, Q (λ starts at zero otherwise); a small
+    # lora_alpha keeps that delta small enough for the merge round trip's 1e-6 weight tolerance.
+    return MethodCase(case_id, model, lambda: AdaLoraConfig(init_lora_weights=False, **kw),
+                      lambda: AdaLoraConfig(**kw))
 
 
 def _lora_case(case_id: str, model: str, **kw) -> MethodCase:
@@ -45,4 +52,7 @@ METHOD_CASES: list[MethodCase] = [
     _lora_case("lora-t5-default-targets", "t5", r=4),
     _lora_case("lora-opt-layers-to-transform", "opt", r=4, target_modules=["q_proj", "v_proj", "fc1"],
                layers_to_transform=[1]),
+    _adalora_case("adalora-gpt2-default-targets", "gpt2", init_r=4, target_r=2, total_step=20, lora_alpha=2),
+    _adalora_case("adalora-bert-seqcls-dropout", "bert", init_r=4, target_r=2, total_step=20, task_type="SEQ_CLS",
+                  lora_alpha=2, lora_dropout=0.1),
 ]

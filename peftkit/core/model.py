@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,7 +45,14 @@ class _BaseModelHost(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
-            return getattr(self.model, name)
+        # HF scripts call method-level functions on ``peft_model.base_model`` (``update_and_allocate``).
+        owner = self.__dict__.get("_owner")
+        peft_model = owner() if owner is not None else None
+        if peft_model is not None:
+            bound = peft_model._model_api(name)
+            if bound is not None:
+                return bound
+        return getattr(self.model, name)
 
 
 class PeftModel(nn.Module):
@@ -62,6 +70,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = _BaseModelHost(model)
+        self.base_model.__dict__["_owner"] = weakref.ref(self)  # a plain attribute: no module cycle
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._base_snapshot: dict[str, torch.Tensor] = {}
@@ -98,12 +107,16 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-        # Model-level calls a method offers (e.g. a rank allocator's update step), bound to this model.
+        bound = self._model_api(name)
+        return bound if bound is not None else getattr(self.base_model.model, name)
+
+    def _model_api(self, name: str) -> Any:
+        """A model-level call a method offers (e.g. a rank allocator's update step), bound to this model."""
         for config in self.__dict__.get("peft_config", {}).values():
             method = method_for(config)
             if name in method.model_api:
                 return functools.partial(getattr(method, name), self)
-        return getattr(self.base_model.model, name)
+        return None
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model

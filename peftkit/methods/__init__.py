@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from peftkit.methods import lora
+from peftkit.methods import adalora, lora
 
-__all__ = ["lora"]
+__all__ = ["adalora", "lora"]
