@@ -24,17 +24,26 @@ from peftkit.core import (
     register,
 )
 from peftkit.methods.adalora import AdaLoraConfig
+from peftkit.methods.adapters import AdapterConfig, ParallelAdapterConfig
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.fusion import AdapterFusionConfig
+from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraConfig",
+    "AdapterConfig",
+    "AdapterFusionConfig",
     "AdapterLayer",
     "AdapterNotFoundError",
+    "BitFitConfig",
     "CheckpointError",
+    "IA3Config",
     "LoraConfig",
     "NotMergeableError",
+    "ParallelAdapterConfig",
     "PeftConfig",
     "PeftConfigError",
     "PeftMethod",

@@ -15,7 +15,7 @@ from peftkit.core.config import PeftConfig, TunerConfig
 from peftkit.core.errors import TargetModuleError
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
 from peftkit.core.registry import PeftMethod
-from peftkit.core.targets import candidate_modules, match_targets
+from peftkit.core.targets import candidate_modules, get_module, match_targets
 
 __all__ = ["adapter_layers", "inject_adapter", "add_modules_to_save", "remove_adapter", "replace_module"]
 
@@ -29,7 +29,9 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent = get_module(model, parent_name)
+    while child not in parent._modules and isinstance(parent, AdapterLayer):  # the parent is wrapped itself
+        parent = parent.base_layer
     setattr(parent, child, new)
 
 
@@ -58,7 +60,7 @@ def inject_adapter(model: nn.Module, method: type[PeftMethod], config: PeftConfi
         config.layers_pattern, skip=skip,
     )
     for name in targets:
-        module = model.get_submodule(name)
+        module = get_module(model, name)
         owned = _owned_layer(module, method.layer_class)
         if owned is not None:
             method.update_layer(owned, config, adapter_name, name)
@@ -88,7 +90,7 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -
             f"modules_to_save {missing} match no module of {type(model).__name__}; fix or remove them."
         )
     for name in matched:
-        module = model.get_submodule(name)
+        module = get_module(model, name)
         if not isinstance(module, ModulesToSaveWrapper):
             module = ModulesToSaveWrapper(module)
             replace_module(model, name, module)

@@ -24,6 +24,7 @@ from peftkit.core.errors import AdapterNotFoundError, CheckpointError, NotMergea
 from peftkit.core.inject import adapter_layers, add_modules_to_save, inject_adapter, remove_adapter, replace_module
 from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
 from peftkit.core.registry import PeftMethod, method_for
+from peftkit.core.targets import logical_name
 from peftkit.integrations.transformers import task_head_names
 
 __all__ = ["PeftModel", "get_peft_model"]
@@ -123,6 +124,8 @@ class PeftModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. In training, methods' auxiliary losses are added to ``outputs.loss``."""
+        for name in self._active:
+            method_for(self.peft_config[name]).before_forward(self, name)
         with self._mixed_batch(adapter_names, args, kwargs):
             outputs = self.base_model.model(*args, **kwargs)
         if self.training and getattr(outputs, "loss", None) is not None:
@@ -191,6 +194,7 @@ class PeftModel(nn.Module):
         if not isinstance(config, TunerConfig):
             return config
         model = self.base_model.model
+        config = method.prepare_config(model, config)
         changes: dict[str, Any] = {}
         if config.target_modules is None:
             defaults = method.default_target_modules(model)
@@ -257,7 +261,7 @@ class PeftModel(nn.Module):
                 layer.disable_adapters = True
             yield
         finally:
-            for layer, (was_disabled, merged) in zip(layers, previous):
+            for layer, (was_disabled, merged) in reversed(list(zip(layers, previous))):
                 layer.disable_adapters = was_disabled
                 if merged:
                     layer.merge(merged)
@@ -310,7 +314,8 @@ class PeftModel(nn.Module):
         if safe_merge:  # all-or-nothing: a bad adapter must not leave half the layers merged
             for _, layer in self._layers():
                 layer.check_merge(names)
-        for _, layer in self._layers():
+        # Innermost first: an outer multiplicative layer must scale the inner deltas already merged.
+        for _, layer in reversed(list(self._layers())):
             layer.merge(names)
 
     def unmerge_adapter(self) -> None:
@@ -380,6 +385,8 @@ class PeftModel(nn.Module):
         self._check_known([adapter_name])
         out: dict[str, torch.Tensor] = {}
         for path, layer in self._layers():
+            # Keys use the wrapped module's name, so they do not depend on which other layers nest around it.
+            path = logical_name(path)
             for key, tensor in layer.adapter_tensors(adapter_name).items():
                 out[f"{ckpt.KEY_PREFIX}{path}.{key}"] = tensor
         config = self.peft_config[adapter_name]

@@ -49,6 +49,12 @@ class PeftMethod:
         return None
 
     @classmethod
+    def prepare_config(cls, model: nn.Module, config: PeftConfig) -> PeftConfig:
+        """Fill config fields that depend on the model and on other fields (e.g. targets chosen by a variant
+        field), before the core applies ``default_target_modules``. Returns the config, changed or not."""
+        return config
+
+    @classmethod
     def layer_for(cls, target: nn.Module, config: PeftConfig, adapter_name: str, module_name: str) -> AdapterLayer:
         """Wrap ``target`` in a new layer holding ``adapter_name``.
 
@@ -66,6 +72,12 @@ class PeftMethod:
     def trainable_base_parameters(cls, model: nn.Module, config: PeftConfig) -> list[str]:
         """Names (in ``model``) of existing base parameters the method trains and saves, e.g. biases."""
         return []
+
+    @classmethod
+    def before_forward(cls, peft_model: nn.Module, adapter_name: str) -> None:
+        """Called by ``PeftModel.forward`` for each active adapter before the base model runs: the place for a
+        per-step random draw that every layer must share (checkpointed recomputation does not call it again)."""
+        return None
 
     @classmethod
     def auxiliary_loss(cls, peft_model: nn.Module, adapter_name: str) -> torch.Tensor | None:

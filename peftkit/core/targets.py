@@ -15,19 +15,40 @@ from torch import nn
 from peftkit.core.errors import TargetModuleError
 from peftkit.core.layer import AdapterLayer, base_layer_of
 
-__all__ = ["ALL_LINEAR", "candidate_modules", "match_targets", "layer_index", "is_linear_like"]
+__all__ = [
+    "ALL_LINEAR", "candidate_modules", "get_module", "logical_name", "match_targets", "layer_index", "is_linear_like",
+]
 
 ALL_LINEAR = "all-linear"
 _DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "block", "blocks")
 
 
 def candidate_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules()`` without descending into adapter layers (which are yielded themselves)."""
-    for name, child in model.named_children():
+    """``named_modules()`` under the names the user sees: an adapter layer is yielded under the name of the module
+    it wraps, its own weights are skipped, and the children of the wrapped module keep their names (a layer that
+    wraps a whole block must not hide the block's linears from a second method)."""
+    for name, child in base_layer_of(model).named_children():
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
-        if not isinstance(child, AdapterLayer):
-            yield from candidate_modules(child, full)
+        yield from candidate_modules(child, full)
+
+
+def logical_name(name: str) -> str:
+    """A ``named_modules()`` name with the ``base_layer`` hops of adapter layers removed."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule`` that also accepts names as :func:`candidate_modules` gives them, stepping through
+    adapter layers where the next name part belongs to the module they wrap."""
+    module = model
+    for part in name.split(".") if name else []:
+        while part not in module._modules and isinstance(module, AdapterLayer):
+            module = module.base_layer
+        if part not in module._modules:
+            raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (looking up {name!r}).")
+        module = module._modules[part]
+    return module
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -220,13 +220,12 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.batch_adapter_names is not None:
             return self._mixed_batch_forward(x, result)
-        if self._skip_adapters():
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if self.disable_adapters or not pending:  # merged: exactly the base layer's cost
             return result
         out_shape = result.shape
         result = result.reshape(-1, self.out_features)
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
+        for name in pending:
             lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
             hidden = F.linear(self.lora_dropout[name](x.to(lora_a.dtype)), lora_a).reshape(-1, lora_a.shape[0])
             # addmm adds B·hidden and applies the scale inside one GEMM, sparing two passes over the output.
@@ -334,6 +333,15 @@ class LoraMethod(PeftMethod):
     @classmethod
     def layer_for(cls, target: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> AdapterLayer:
         base = base_layer_of(target)
+        if type(base).__module__.startswith("bitsandbytes"):
+            # Quantised layers subclass nn.Linear, so they are claimed before that branch; the integration (and
+            # bitsandbytes) is imported only when such a layer is present.
+            from peftkit.integrations.bitsandbytes import LORA_DISPATCHERS
+
+            for dispatch in LORA_DISPATCHERS:
+                layer = dispatch(target, config, adapter_name, module_name)
+                if layer is not None:
+                    return layer
         if isinstance(base, nn.Linear) or (type(base).__name__ == "Conv1D" and hasattr(base, "nf")):
             return LoraLinear(target, adapter_name, config, module_name)
         if isinstance(base, nn.Embedding):

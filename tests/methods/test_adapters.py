@@ -1,0 +1,392 @@
+"""Serial (Houlsby, Pfeiffer) and parallel bottleneck adapters against hand-written references of their formulas,
+plus placement defaults, layer-norm training, AdapterDrop, nesting with LoRA, checkpointing and the Trainer."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_inputs, make_model, model_logits
+from safetensors.torch import load_file
+from torch import nn
+
+from peftkit import (
+    AdapterConfig,
+    LoraConfig,
+    NotMergeableError,
+    ParallelAdapterConfig,
+    PeftConfig,
+    PeftConfigError,
+    PeftModel,
+    get_peft_model,
+)
+from peftkit.core.layer import BASE_ADAPTER_NAME
+from peftkit.core.targets import get_module
+from peftkit.methods.adapters import BottleneckLayer, ParallelAdapterLayer, SerialAdapterLayer
+
+ACT = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu}
+
+
+def _A(layer: BottleneckLayer, name: str, u: torch.Tensor, act: str) -> torch.Tensor:
+    """The bottleneck written out: s · (W_up f(W_down u + b_down) + b_up)."""
+    down, up = layer.adapter_down[name], layer.adapter_up[name]
+    return layer.scaling[name] * (ACT[act](u @ down.weight.T + down.bias) @ up.weight.T + up.bias)
+
+
+def _layers(model: PeftModel, cls: type = BottleneckLayer) -> dict[str, BottleneckLayer]:
+    return {n.replace(".base_layer", ""): m for n, m in model.base_model.model.named_modules() if isinstance(m, cls)}
+
+
+def _reference_hooks(reference: nn.Module, peft: PeftModel, act: str, name: str = "default") -> None:
+    """Put each formula on the plain model with forward hooks, reading weights from the peft model's layers."""
+    for path, layer in _layers(peft).items():
+        target = get_module(reference, path)
+        if isinstance(layer, SerialAdapterLayer) and layer.post_norm:
+            def norm_hook(mod, inp, out, layer=layer):  # LN(z + A(LN(z))), the same pretrained LN twice
+                z = inp[0]
+                return F.layer_norm(z + _A(layer, name, out, act), mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+            target.register_forward_hook(norm_hook)
+        elif isinstance(layer, SerialAdapterLayer):
+            def out_hook(mod, inp, out, layer=layer):  # y + A(y)
+                y = out[0] if isinstance(out, tuple) else out
+                y = y + _A(layer, name, y, act)
+                return (y, *out[1:]) if isinstance(out, tuple) else y
+            target.register_forward_hook(out_hook)
+        elif layer.residual_arg:  # BERT output block: LN(x + h + s·A(x)), x = input_tensor
+            seen = {}
+            target.register_forward_pre_hook(lambda mod, args, seen=seen: seen.update(x=args[1]))
+            target.dense.register_forward_hook(lambda mod, inp, out, seen=seen, layer=layer:
+                                               out + _A(layer, name, seen["x"], act))
+        else:  # sub-layer: M(z) + s·A(z)
+            def par_hook(mod, args, kwargs, out, layer=layer):
+                z = args[0] if args else kwargs["hidden_states"]
+                y = out[0] if isinstance(out, tuple) else out
+                y = y + _A(layer, name, z, act)
+                return (y, *out[1:]) if isinstance(out, tuple) else y
+            target.register_forward_hook(par_hook, with_kwargs=True)
+
+
+FORMULA_CASES = [
+    ("bert", AdapterConfig(variant="houlsby", r=4, init_weights=False, train_layer_norms=False)),
+    ("bert", AdapterConfig(variant="pfeiffer", r=4, init_weights=False, non_linearity="gelu")),
+    ("bert", ParallelAdapterConfig(r=4, init_weights=False)),
+    ("bert", ParallelAdapterConfig(r=4, target="attn", scaling=2.0, init_weights=False)),
+    ("gpt2", AdapterConfig(variant="houlsby", r=4, init_weights=False)),
+    ("gpt2", AdapterConfig(variant="pfeiffer", r=4, init_weights=False)),
+    ("gpt2", ParallelAdapterConfig(r=4, init_weights=False, non_linearity="gelu")),
+    ("gpt2", ParallelAdapterConfig(r=4, target="attn", init_weights=False)),
+    ("llama", AdapterConfig(variant="pfeiffer", r=4, init_weights=False)),
+    ("llama", ParallelAdapterConfig(r=4, init_weights=False)),
+]
+
+
+@pytest.mark.parametrize(("kind", "config"), FORMULA_CASES,
+                         ids=[f"{k}-{type(c).__name__}-{getattr(c, 'variant', getattr(c, 'target', ''))}"
+                              for k, c in FORMULA_CASES])
+def test_adapter_equals_hand_written_reference(kind: str, config: PeftConfig) -> None:
+    inputs = make_inputs(kind)
+    model = get_peft_model(make_model(kind), config).eval()
+    reference = make_model(kind)
+    _reference_hooks(reference, model, config.non_linearity)
+    expected = model_logits(reference, inputs)
+    assert not torch.allclose(expected, model_logits(make_model(kind), inputs))  # the adapters do something
+    torch.testing.assert_close(model_logits(model, inputs), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_bert_sublayer_formulas_written_out() -> None:
+    # One post-LN output block, three variants, each formula spelled out with functional ops.
+    block = make_model("bert").bert.encoder.layer[0].output  # BertOutput: LN(dropout(dense(h)) + x)
+    hidden, x = torch.randn(2, 5, 64), torch.randn(2, 5, 32)
+    ln = block.LayerNorm
+
+    def LN(t: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(t, (32,), ln.weight, ln.bias, ln.eps)
+
+    h = hidden @ block.dense.weight.T + block.dense.bias
+    host = nn.ModuleDict({"output": block})
+    for config, formula in [
+        (AdapterConfig(variant="houlsby", r=4, target_modules=["dense"], init_weights=False),
+         lambda A: LN(x + h + A(h))),
+        (AdapterConfig(variant="pfeiffer", r=4, target_modules=["LayerNorm"], init_weights=False),
+         lambda A: LN(x + h + A(LN(x + h)))),
+        (ParallelAdapterConfig(r=4, target_modules=["output"], init_weights=False),
+         lambda A: LN(x + h + A(x))),
+    ]:
+        model = get_peft_model(copy.deepcopy(host), config).eval()
+        layer = next(iter(_layers(model).values()))
+        with torch.no_grad():
+            got = model.base_model.model["output"](hidden, x)
+            expected = formula(lambda u, layer=layer, c=config: _A(layer, "default", u, c.non_linearity))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+# ---- configuration, placement, init ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "config", "leaves", "count"), [
+    ("bert", AdapterConfig(variant="houlsby"), {"attention.output.dense", "0.output.dense", "1.output.dense"}, 4),
+    ("bert", AdapterConfig(), {"output.LayerNorm"}, 2),  # the FFN's post-residual norm only
+    ("gpt2", AdapterConfig(), {"h.0", "h.1"}, 2),  # pre-LN: the residual blocks
+    ("llama", AdapterConfig(variant="houlsby"), {"self_attn.o_proj", "mlp.down_proj"}, 4),
+    ("t5", AdapterConfig(), {"layer.1", "layer.2"}, 4),  # the FF sub-layer: encoder layer.1, decoder layer.2
+    ("llama", ParallelAdapterConfig(), {"0.mlp", "1.mlp"}, 2),
+    ("opt", ParallelAdapterConfig(target="attn"), {"0.self_attn", "1.self_attn"}, 2),
+])
+def test_default_placements_per_architecture(kind: str, config: PeftConfig, leaves: set[str], count: int) -> None:
+    names = list(_layers(get_peft_model(make_model(kind), config)))
+    assert len(names) == count
+    assert all(any(n.endswith("." + leaf) for leaf in leaves) for n in names), names
+    if kind == "t5":
+        assert all(("encoder" in n) == n.endswith("layer.1") for n in names)
+
+
+def test_bottleneck_width_from_reduction_factor_or_r() -> None:
+    model = get_peft_model(make_model("bert"), AdapterConfig(reduction_factor=8))
+    layer = next(iter(_layers(model).values()))
+    assert layer.adapter_down["default"].weight.shape == (4, 32)
+    model.add_adapter("wide", AdapterConfig(r=12, non_linearity="tanh"))
+    assert layer.adapter_up["wide"].weight.shape == (32, 12)
+    assert isinstance(layer.non_linearity["wide"], nn.Tanh)
+
+
+def test_init_weights_choices() -> None:
+    model = get_peft_model(make_model("gpt2"), AdapterConfig(r=8))
+    layer = next(iter(_layers(model).values()))
+    assert not layer.adapter_up["default"].weight.any() and layer.adapter_down["default"].weight.any()
+    model.add_adapter("h", AdapterConfig(r=8, init_weights="houlsby"))
+    assert layer.adapter_up["h"].weight.abs().max() <= 2e-2 and layer.adapter_up["h"].weight.any()
+    assert not layer.adapter_up["h"].bias.any()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"variant": "lora"}, "variant"), ({"r": 0}, r"\.r must"), ({"non_linearity": "softmax"}, "non_linearity"),
+    ({"init_weights": "xavier"}, "init_weights"), ({"drop_lowest_layers": -1}, "drop_lowest_layers"),
+    ({"adapter_dropout": 1.0}, "adapter_dropout"),
+])
+def test_config_errors_name_the_field(kwargs: dict, match: str) -> None:
+    with pytest.raises(PeftConfigError, match=match):
+        AdapterConfig(**kwargs)
+    with pytest.raises(PeftConfigError, match="target"):
+        ParallelAdapterConfig(target="both")
+
+
+def test_config_json_round_trip_resolves_variant_defaults() -> None:
+    config = AdapterConfig(variant="houlsby")
+    assert config.non_linearity == "swish" and config.train_layer_norms is True
+    data = config.to_dict()
+    assert data["peft_type"] == "BOTTLENECK"
+    assert PeftConfig.from_dict(data) == config
+    assert PeftConfig.from_dict(ParallelAdapterConfig().to_dict()).peft_type == "PARALLEL_BOTTLENECK"
+
+
+def test_architecture_without_placement_gives_clear_errors() -> None:
+    with pytest.raises(PeftConfigError, match="FFN is not one module"):
+        get_peft_model(make_model("opt"), ParallelAdapterConfig())
+    with pytest.raises(PeftConfigError, match="pass target_modules"):
+        get_peft_model(nn.Sequential(nn.Linear(4, 4)), AdapterConfig())
+
+
+class _CustomBlock(nn.Module):
+    """A model peftkit knows nothing about: a post-LN residual FFN block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.norm = nn.Linear(6, 12), nn.Linear(12, 6), nn.LayerNorm(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.down(torch.relu(self.up(x))))
+
+
+def test_any_model_by_naming_modules() -> None:
+    # Houlsby on the output projection, Pfeiffer on the post-residual norm, parallel beside the whole block.
+    base = nn.Sequential(_CustomBlock(), _CustomBlock())
+    x = torch.randn(3, 6)
+    model = get_peft_model(copy.deepcopy(base), AdapterConfig(r=2, target_modules=["down"], init_weights=False))
+    model.add_adapter("pf", AdapterConfig(r=2, target_modules=["norm"], init_weights=False))
+    model.add_adapter("par", ParallelAdapterConfig(r=2, target_modules=["0", "1"], init_weights=False))
+    model.set_adapter(["default", "pf", "par"])
+    layers = _layers(model)
+    assert isinstance(layers["0"], ParallelAdapterLayer) and layers["0.norm"].post_norm
+    assert layers["0"].layer_idx is None  # no layer list name: AdapterDrop never skips it
+    with torch.no_grad():
+        out = model(x)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), base(x))
+    assert not torch.allclose(out, base(x))
+
+
+# ---- training, layer norms, checkpoints ----------------------------------------------------------------------------
+def test_houlsby_trains_saves_and_restores_layer_norms(tmp_path) -> None:
+    base = make_model("bert")
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, AdapterConfig(variant="houlsby", r=4, task_type="SEQ_CLS"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    norms = {n for n in trainable if "LayerNorm" in n}
+    assert len(norms) == 2 * 2 * 2  # 2 layers x (attention, FFN) norms x (weight, bias); not the embedding norm
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**make_inputs("bert")).loss.backward()
+    opt.step()
+    model.eval()
+    expected = model_logits(model, make_inputs("bert"))
+    model.save_pretrained(tmp_path)
+    keys = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    assert sum("LayerNorm" in k for k in keys) == 8
+    loaded = PeftModel.from_pretrained(make_model("bert"), tmp_path)
+    torch.testing.assert_close(model_logits(loaded, make_inputs("bert")), expected)
+    restored = model.unload().state_dict()
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+
+
+def test_adapters_cannot_merge() -> None:
+    model = get_peft_model(make_model("gpt2"), ParallelAdapterConfig(r=4))
+    with pytest.raises(NotMergeableError, match="PARALLEL_BOTTLENECK"):
+        model.merge_and_unload()
+    with pytest.raises(NotMergeableError, match="BOTTLENECK"):
+        get_peft_model(make_model("gpt2"), AdapterConfig()).merge_adapter()
+
+
+def test_mixed_batch_refuses_shared_layer_norms() -> None:
+    model = get_peft_model(make_model("bert"), AdapterConfig(variant="houlsby", r=4)).eval()
+    with pytest.raises(NotImplementedError, match="train_layer_norms=False"):
+        model_logits(model, make_inputs("bert", batch=2), adapter_names=["default", BASE_ADAPTER_NAME])
+
+
+def test_several_active_adapters_add_up() -> None:
+    model = get_peft_model(make_model("gpt2"), ParallelAdapterConfig(r=4, init_weights=False)).eval()
+    model.add_adapter("b", ParallelAdapterConfig(r=2, init_weights=False))
+    model.set_adapter(["default", "b"])
+    reference = make_model("gpt2")
+    _reference_hooks(reference, model, "relu", "default")
+    _reference_hooks(reference, model, "relu", "b")
+    inputs = make_inputs("gpt2")
+    torch.testing.assert_close(model_logits(model, inputs), model_logits(reference, inputs), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [AdapterConfig(variant="pfeiffer", r=4, init_weights=False),
+                                    ParallelAdapterConfig(r=4, target="attn", init_weights=False)],
+                         ids=["pfeiffer-block", "parallel-attn"])
+def test_gradient_checkpointing_gives_same_gradients(config: PeftConfig) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        base = make_model("llama")
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        torch.manual_seed(0)
+        model = get_peft_model(base, config).train()
+        model(**make_inputs("llama")).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert grads[1][name].abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_transformers_trainer_trains_adapter(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    inputs = make_inputs("bert", batch=8)
+    rows = [{k: v[i] for k, v in inputs.items()} for i in range(8)]
+    model = get_peft_model(make_model("bert"), AdapterConfig(r=4, task_type="SEQ_CLS"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # remove_unused_columns=False: the Trainer reads the columns off forward's signature, which only HF peft's own
+    # PeftModel class gets special-cased for (PeftModel.forward takes **kwargs).
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
+                             remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---- several methods on one model ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_lora_on_attention_and_adapter_on_ffn(lora_first: bool, tmp_path) -> None:
+    lora = LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
+    adapter = AdapterConfig(r=4, init_weights=False)  # Pfeiffer on GPT-2 wraps whole blocks (c_attn inside)
+    inputs = make_inputs("gpt2")
+    first, second = (lora, adapter) if lora_first else (adapter, lora)
+    model = get_peft_model(make_model("gpt2"), first).eval()
+    model.add_adapter("other", second)
+    model.set_adapter(["default", "other"])
+    both = model_logits(model, inputs)
+    lora_name, adapter_name = ("default", "other") if lora_first else ("other", "default")
+    model.save_pretrained(tmp_path)
+
+    # Each method alone, from its own checkpoint (keys do not depend on the nesting), then both at once.
+    alone = {}
+    for name in (lora_name, adapter_name):
+        path = tmp_path if name == "default" else tmp_path / name
+        alone[name] = PeftModel.from_pretrained(make_model("gpt2"), path, adapter_name=name)
+        model.set_adapter(name)
+        torch.testing.assert_close(model_logits(alone[name], inputs), model_logits(model, inputs))
+    alone[lora_name].load_adapter(tmp_path if adapter_name == "default" else tmp_path / adapter_name, "ad")
+    alone[lora_name].set_adapter([lora_name, "ad"])
+    torch.testing.assert_close(model_logits(alone[lora_name], inputs), both, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(both, model_logits(model, inputs))
+
+
+def test_lora_and_houlsby_nest_on_the_same_module() -> None:
+    model = get_peft_model(make_model("bert"), AdapterConfig(variant="houlsby", r=4, init_weights=False,
+                                                             train_layer_norms=False)).eval()
+    model.add_adapter("lora", LoraConfig(r=4, target_modules=["output.dense"], init_lora_weights=False))
+    model.set_adapter(["default", "lora"])
+    inputs = make_inputs("bert")
+    # LoRA, added second, wraps the adapter layer: out = (h + A(h)) + (α/r)·B A x with h = W0 x.
+    serial = _layers(model)
+    loras = {n.replace(".base_layer", ""): m for n, m in model.named_modules() if type(m).__name__ == "LoraLinear"}
+    assert serial.keys() == {n.removeprefix("base_model.model.") for n in loras}
+    reference = make_model("bert")
+    for path, layer in serial.items():
+        lora = loras["base_model.model." + path]
+
+        def hook(mod, inp, out, layer=layer, lora=lora):
+            delta = inp[0] @ lora.lora_A["lora"].weight.T @ lora.lora_B["lora"].weight.T * lora.scaling["lora"]
+            return out + _A(layer, "default", out, "swish") + delta
+        get_module(reference, path).register_forward_hook(hook)
+    torch.testing.assert_close(model_logits(model, inputs), model_logits(reference, inputs), atol=1e-5, rtol=1e-4)
+    # The LoRA checkpoint keys are those of LoRA alone: nesting does not leak into them.
+    alone = get_peft_model(make_model("bert"), LoraConfig(r=4, target_modules=["output.dense"]))
+    assert set(model.get_adapter_state_dict("lora")) == set(alone.get_adapter_state_dict("default"))
+
+
+# ---- AdapterDrop ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [AdapterConfig(variant="houlsby", r=4, init_weights=False),
+                                    ParallelAdapterConfig(r=4, init_weights=False)], ids=["houlsby", "parallel"])
+def test_skip_layers_equals_model_without_those_layers_adapters(config: PeftConfig) -> None:
+    inputs = make_inputs("gpt2")
+    model = get_peft_model(make_model("gpt2"), config).eval()
+    only_top = get_peft_model(make_model("gpt2"), dataclasses.replace(config, layers_to_transform=[1])).eval()
+    only_top.load_state_dict(model.state_dict(), strict=False)
+    full = model_logits(model, inputs)
+    model.set_skip_layers([0])
+    torch.testing.assert_close(model_logits(model, inputs), model_logits(only_top, inputs))
+    model.set_skip_layers([0, 1])
+    torch.testing.assert_close(model_logits(model, inputs), model_logits(make_model("gpt2"), inputs))
+    model.set_skip_layers(None)
+    torch.testing.assert_close(model_logits(model, inputs), full)
+
+
+def test_robust_adapter_drop_skips_lowest_k_layers_per_step_and_never_in_eval() -> None:
+    model = get_peft_model(make_model("gpt2"), AdapterConfig(r=4, init_weights=False, drop_lowest_layers=2))
+    inputs = make_inputs("gpt2")
+    layers = _layers(model)
+    seen = set()
+    model.train()
+    for step in range(12):
+        model.zero_grad()
+        model(**inputs).loss.backward()
+        k = {layer.drop_below["default"] for layer in layers.values()}
+        assert len(k) == 1  # one draw per step, shared by every layer
+        k = k.pop()
+        seen.add(k)
+        for layer in layers.values():
+            grad = layer.adapter_up["default"].weight.grad
+            assert (grad is not None and bool(grad.any())) == (layer.layer_idx >= k), (step, layer.layer_idx, k)
+    assert seen == {0, 1, 2}
+    model.eval()
+    full = get_peft_model(make_model("gpt2"), AdapterConfig(r=4, init_weights=False)).eval()
+    full.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(model_logits(model, inputs), model_logits(full, inputs))
