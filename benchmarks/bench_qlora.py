@@ -111,7 +111,7 @@ def foreign_share(start: tuple[float, float], wall: float) -> float:
     return max(0.0, (busy - start[0]) - (own - start[1])) / (wall * (os.cpu_count() or 1))
 
 
-def wait_idle(max_foreign: float, timeout: float = 120.0) -> None:
+def wait_idle(max_foreign: float, timeout: float = 60.0) -> None:
     """Return once other processes took at most ``max_foreign`` of the machine for 2 s, or after ``timeout``."""
     end = time.perf_counter() + timeout
     while time.perf_counter() < end:

@@ -24,11 +24,12 @@ from peftkit.core import (
     register,
 )
 from peftkit.methods.adalora import AdaLoraConfig
-from peftkit.methods.adapters import AdapterConfig, ParallelAdapterConfig
+from peftkit.methods.adapters import AdapterConfig
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.parallel_adapter import ParallelAdapterConfig
 
 __version__ = "0.1.0"
 

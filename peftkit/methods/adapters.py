@@ -13,7 +13,9 @@ of the model, never by copying model code; what it computes depends on the kind 
     parallel, BERT output   M(h, input_tensor=x)  →  M(h, x + s·A(x)) = LN(x + h + s·A(x))
 
 On pre-LN models (GPT-2, Llama, T5, OPT) Pfeiffer wraps the residual block whose output is ``x + h``, giving
-``x + h + A(x + h)`` (AdapterHub passes no layer norm there either). Several active adapters add up.
+``x + h + A(x + h)`` (AdapterHub passes no layer norm there either). Several active adapters add up. This module
+holds the shared bottleneck layer, the serial variants and AdapterDrop; :mod:`peftkit.methods.parallel_adapter` the
+parallel variant and :mod:`peftkit.methods.fusion` AdapterFusion.
 """
 
 from __future__ import annotations
@@ -37,10 +39,8 @@ from peftkit.core.registry import PeftMethod, register
 from peftkit.core.targets import candidate_modules, is_linear_like, layer_index, logical_name, match_targets
 from peftkit.integrations.transformers import model_type
 
-__all__ = [
-    "AdapterConfig", "ParallelAdapterConfig", "BottleneckLayer", "SerialAdapterLayer", "ParallelAdapterLayer",
-    "BottleneckMethod", "ParallelAdapterMethod", "PLACEMENTS", "set_skip_layers",
-]
+__all__ = ["AdapterConfig", "BottleneckLayer", "SerialAdapterLayer", "BottleneckMethod", "PLACEMENTS",
+           "set_skip_layers"]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "gelu_new": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
@@ -124,8 +124,9 @@ class AdapterConfig(_BottleneckConfig):
         train_layer_norms: Train (and save) the layer norms of every transformer layer holding the adapter, as
             Houlsby et al. do. None: True for Houlsby, False for Pfeiffer. They are base parameters shared by all
             adapters of the model, so switching adapters does not switch them and mixed batches refuse them.
-        drop_lowest_layers: Robust AdapterDrop: each training step skips the adapters of the lowest k layers, k drawn
-            uniformly from ``[0, drop_lowest_layers]`` (default 0: off). Never drops in eval mode.
+        drop_lowest_layers: Robust AdapterDrop: each training step (each ``PeftModel.forward`` in training mode)
+            skips the adapters of the lowest k layers, k drawn uniformly from ``[0, drop_lowest_layers]`` (default 0:
+            off). Keep it below the number of layers unless something else (a head) trains. Never drops in eval.
 
     Raises:
         PeftConfigError: a field is out of range; the message names it.
@@ -148,32 +149,6 @@ class AdapterConfig(_BottleneckConfig):
 
     def placement(self) -> str:
         return self.variant
-
-
-@dataclass(kw_only=True)
-class ParallelAdapterConfig(_BottleneckConfig):
-    """A parallel adapter (He et al. 2022): ``out = LN(x + h + s · A(x))``, the adapter reading the sub-layer input.
-
-    Args:
-        r: Bottleneck width (default 512, the paper's best on the FFN; use less on small models).
-        scaling: s (default 4).
-        target: ``"ffn"`` (default) or ``"attn"``: which sub-layer the adapter runs beside.
-        Other fields as :class:`AdapterConfig` (``init_weights=True`` zero-initialises ``W_up``).
-    """
-
-    peft_type: ClassVar[str] = "PARALLEL_BOTTLENECK"
-
-    r: int | None = 512
-    scaling: float = 4.0
-    target: str = "ffn"
-
-    def __post_init__(self) -> None:
-        if self.target not in ("ffn", "attn"):
-            raise PeftConfigError(f"ParallelAdapterConfig.target must be 'ffn' or 'attn', got {self.target!r}.")
-        super().__post_init__()
-
-    def placement(self) -> str:
-        return self.target
 
 
 # ---- module introspection ------------------------------------------------------------------------------------------
@@ -397,59 +372,6 @@ class SerialAdapterLayer(BottleneckLayer):
         return finish(self._batch_delta(u))
 
 
-class ParallelAdapterLayer(BottleneckLayer):
-    """Parallel adapter beside a sub-layer (He et al. 2022): ``out = M(z) + Σ s·A(z)``.
-
-    A module whose forward takes ``(hidden_states, input_tensor)`` (the BERT-family output blocks that add the
-    residual and apply the LayerNorm) gets the adapter on the residual input instead: ``M(h, x + Σ s·A(x)) =
-    LN(x + h + Σ s·A(x))``. ``z`` is what the sub-layer receives: ``x`` on post-LN models, ``LN(x)`` on pre-LN ones.
-
-    Raises:
-        TargetModuleError: the module holds no linear layer to read the sizes from.
-    """
-
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: ParallelAdapterConfig, module_name: str
-    ) -> None:
-        base = base_layer_of(base_layer)
-        sizes = _linear_sizes(base)
-        if not sizes:
-            raise TargetModuleError(
-                f"A parallel adapter cannot read the sizes of {module_name} ({type(base).__name__}): wrap a sub-layer "
-                "module (an FFN or attention block) that contains linear layers."
-            )
-        self_residual = "input_tensor" in inspect.signature(base.forward).parameters
-        in_features = sizes[-1][1] if self_residual else sizes[0][0]
-        super().__init__(base_layer, in_features, sizes[-1][1], layer_index(module_name, config.layers_pattern))
-        self.residual_arg = self_residual
-        self.update_layer(adapter_name, config, module_name)
-
-    def _with_residual(self, args: tuple, kwargs: dict, delta_of: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-        if len(args) >= 2:
-            x = args[1]
-            args = (args[0], x + delta_of(x).to(x.dtype), *args[2:])
-        else:
-            x = kwargs["input_tensor"]
-            kwargs = {**kwargs, "input_tensor": x + delta_of(x).to(x.dtype)}
-        return self.base_layer(*args, **kwargs)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.batch_adapter_names is not None:
-            if self.disable_adapters or self.skipped:
-                return self.base_layer(*args, **kwargs)
-            return self._apply(args, kwargs, self._batch_delta)
-        names = self._running()
-        if not names:
-            return self.base_layer(*args, **kwargs)
-        return self._apply(args, kwargs, lambda z: sum(self._delta(n, z) for n in names))
-
-    def _apply(self, args: tuple, kwargs: dict, delta_of: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-        if self.residual_arg:
-            return self._with_residual(args, kwargs, delta_of)
-        z = _first_input(args, kwargs, self._input_name)
-        return _add_to_output(self.base_layer(*args, **kwargs), delta_of(z))
-
-
 # ---- methods -------------------------------------------------------------------------------------------------------
 def _bottleneck_layers(peft_model: nn.Module) -> Iterable[BottleneckLayer]:
     return [layer for _, layer in adapter_layers(peft_model.base_model.model) if isinstance(layer, BottleneckLayer)]
@@ -545,17 +467,3 @@ class BottleneckMethod(_BottleneckMethodBase):
         from peftkit.methods.fusion import AdapterFusionConfig
 
         peft_model.add_adapter(fusion_name, AdapterFusionConfig(adapters=list(adapters), **kwargs))
-
-
-@register(ParallelAdapterConfig)
-class ParallelAdapterMethod(_BottleneckMethodBase):
-    """Parallel adapters: wraps each target sub-layer in a :class:`ParallelAdapterLayer`."""
-
-    layer_class = ParallelAdapterLayer
-    model_api = ("set_skip_layers",)
-
-    @classmethod
-    def layer_for(
-        cls, target: nn.Module, config: ParallelAdapterConfig, adapter_name: str, module_name: str
-    ) -> AdapterLayer:
-        return ParallelAdapterLayer(target, adapter_name, config, module_name)

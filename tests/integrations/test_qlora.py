@@ -272,6 +272,26 @@ def test_merge_warns_requantizes_close_and_unmerge_restores_close(quant_type) ->
     assert (dequantize_weight(layer.base_layer) - before).norm() / before.norm() <= 2.5 * quant_error
 
 
+def test_merge_after_an_eval_pass_reads_the_cpu_packed_layout() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)  # shapes the packed CPU kernel accepts
+    weight = linear.weight.detach().clone()
+    model = peftkit.quantize_model(nn.Sequential(linear))
+    quant_error = (dequantize_weight(model[0]) - weight).norm() / weight.norm()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)).eval()
+    layer, x = peft_model.base_model.model[0], torch.randn(3, 128)
+    before = dequantize_weight(layer.base_layer)
+    with torch.no_grad():
+        unmerged = peft_model(x)  # may re-lay the weight out for the bf16 kernel (AVX512-BF16 CPUs)
+    # The packed layout keeps the block scales in bf16: the weight it computes with moves by that rounding only.
+    torch.testing.assert_close(dequantize_weight(layer.base_layer), before, atol=0, rtol=2 ** -8)
+    with pytest.warns(UserWarning, match="re-quantises"):
+        peft_model.merge_adapter()
+    with torch.no_grad():
+        merged = peft_model(x)
+    assert (merged - unmerged).norm() / unmerged.norm() < 2 * quant_error
+
+
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_merge_and_unload_dequantize_gives_exact_float_linears(quant_type) -> None:
     ours, ref = _pair(quant_type)

@@ -26,7 +26,8 @@ from peftkit import (
 )
 from peftkit.core.layer import BASE_ADAPTER_NAME
 from peftkit.core.targets import get_module
-from peftkit.methods.adapters import BottleneckLayer, ParallelAdapterLayer, SerialAdapterLayer
+from peftkit.methods.adapters import BottleneckLayer, SerialAdapterLayer
+from peftkit.methods.parallel_adapter import ParallelAdapterLayer
 
 ACT = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu}
 
@@ -370,12 +371,12 @@ def test_skip_layers_equals_model_without_those_layers_adapters(config: PeftConf
 
 
 def test_robust_adapter_drop_skips_lowest_k_layers_per_step_and_never_in_eval() -> None:
-    model = get_peft_model(make_model("gpt2"), AdapterConfig(r=4, init_weights=False, drop_lowest_layers=2))
+    model = get_peft_model(make_model("gpt2"), AdapterConfig(r=4, init_weights=False, drop_lowest_layers=1))
     inputs = make_inputs("gpt2")
     layers = _layers(model)
     seen = set()
     model.train()
-    for step in range(12):
+    for step in range(10):
         model.zero_grad()
         model(**inputs).loss.backward()
         k = {layer.drop_below["default"] for layer in layers.values()}
@@ -385,7 +386,7 @@ def test_robust_adapter_drop_skips_lowest_k_layers_per_step_and_never_in_eval() 
         for layer in layers.values():
             grad = layer.adapter_up["default"].weight.grad
             assert (grad is not None and bool(grad.any())) == (layer.layer_idx >= k), (step, layer.layer_idx, k)
-    assert seen == {0, 1, 2}
+    assert seen == {0, 1}
     model.eval()
     full = get_peft_model(make_model("gpt2"), AdapterConfig(r=4, init_weights=False)).eval()
     full.load_state_dict(model.state_dict(), strict=False)

