@@ -70,6 +70,7 @@ def randomize(model: nn.Module) -> None:
 
 
 def variants(base: nn.Module) -> dict[str, nn.Module]:
+    base.requires_grad_(False)  # the floor trains nothing; get_peft_model freezes its copies anyway
     out: dict[str, nn.Module] = {"base": base}
     for name, config in {
         "houlsby": AdapterConfig(variant="houlsby"),
@@ -200,16 +201,19 @@ def main() -> None:
         model.set_skip_layers(None)
 
     rows = []
-    for name in models:
-        rows.append({"variant": name, "infer_ms": 1e3 * t_infer[name], "infer_vs_base": t_infer[name] / t_infer["base"],
-                     "train_ms": 1e3 * t_train[name] if name in t_train else None,
-                     "train_vs_base": t_train[name] / t_train["base"] if name in t_train else None,
-                     "trainable": sum(p.numel() for p in models[name].parameters() if p.requires_grad)
-                     if name != "base" else 0})
+    for name, model in models.items():
+        trained = name in t_train
+        rows.append({
+            "variant": name, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "train_ms": 1e3 * t_train[name] if trained else None,
+            "train_vs_base": t_train[name] / t_train["base"] if trained else None,
+            "infer_ms": 1e3 * t_infer[name], "infer_vs_base": t_infer[name] / t_infer["base"],
+        })
     lines = [f"{'variant':<11} {'trainable':>10} {'train ms':>9} {'x base':>7} {'infer ms':>9} {'x base':>7}"]
     for r in rows:
         train = f"{r['train_ms']:9.1f} {r['train_vs_base']:7.3f}" if r["train_ms"] else f"{'-':>9} {'-':>7}"
-        lines.append(f"{r['variant']:<11} {r['trainable']:>10,d} {train} {r['infer_ms']:9.1f} {r['infer_vs_base']:7.3f}")
+        infer_cells = f"{r['infer_ms']:9.1f} {r['infer_vs_base']:7.3f}"
+        lines.append(f"{r['variant']:<11} {r['trainable']:>10,d} {train} {infer_cells}")
     lines.append("")
     lines.append("AdapterDrop (inference, lowest k layers skipped): ms and speed-up vs k=0")
     lines.append(f"{'k':>3} " + " ".join(f"{n:>19}" for n in drop))
