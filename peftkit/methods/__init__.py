@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from peftkit.methods import adalora, adapters, bitfit, fusion, ia3, lora, parallel_adapter
+from peftkit.methods import adalora, adapters, bitfit, bottleneck, fusion, ia3, lora, parallel_adapter
 
-__all__ = ["adalora", "adapters", "bitfit", "fusion", "ia3", "lora", "parallel_adapter"]
+__all__ = ["adalora", "adapters", "bitfit", "bottleneck", "fusion", "ia3", "lora", "parallel_adapter"]

@@ -14,97 +14,41 @@ of the model, never by copying model code; what it computes depends on the kind 
 
 On pre-LN models (GPT-2, Llama, T5, OPT) Pfeiffer wraps the residual block whose output is ``x + h``, giving
 ``x + h + A(x + h)`` (AdapterHub passes no layer norm there either). Several active adapters add up. This module
-holds the shared bottleneck layer, the serial variants and AdapterDrop; :mod:`peftkit.methods.parallel_adapter` the
-parallel variant and :mod:`peftkit.methods.fusion` AdapterFusion.
+holds the serial variants; :mod:`peftkit.methods.bottleneck` the shared bottleneck layer, placements and AdapterDrop,
+:mod:`peftkit.methods.parallel_adapter` the parallel variant and :mod:`peftkit.methods.fusion` AdapterFusion.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from peftkit.core.config import PeftConfig, TunerConfig
-from peftkit.core.errors import NotMergeableError, PeftConfigError, TargetModuleError
-from peftkit.core.inject import adapter_layers
+from peftkit.core.errors import PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, base_layer_of
-from peftkit.core.registry import PeftMethod, register
-from peftkit.core.targets import candidate_modules, is_linear_like, layer_index, logical_name, match_targets
-from peftkit.integrations.transformers import model_type
+from peftkit.core.registry import register
+from peftkit.core.targets import layer_index, logical_name, match_targets
+from peftkit.methods.bottleneck import (
+    BottleneckConfigBase,
+    BottleneckLayer,
+    BottleneckMethodBase,
+    add_to_output,
+    first_input,
+    is_norm_module,
+    linear_sizes,
+)
 
-__all__ = ["AdapterConfig", "BottleneckLayer", "SerialAdapterLayer", "BottleneckMethod", "PLACEMENTS",
-           "set_skip_layers"]
+__all__ = ["AdapterConfig", "SerialAdapterLayer", "BottleneckMethod"]
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "gelu_new": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-    "swish": nn.SiLU, "tanh": nn.Tanh, "leakyrelu": nn.LeakyReLU,
-}
-_INITS = (True, False, "bert", "houlsby")
 _LAYER_LISTS = ("layers", "layer", "h", "block", "blocks")  # as peftkit.core.targets.layer_index guesses them
 
-# Where each placement attaches, per model_type: target_modules values (dotted suffixes, or a full-match regex).
-# "houlsby"/"pfeiffer" are the serial variants, "ffn"/"attn" the parallel adapter's sub-layers.
-_POST_LN = {"houlsby": ["attention.output.dense", "output.dense"], "pfeiffer": r".*\.layer\.\d+\.output\.LayerNorm",
-            "ffn": r".*\.layer\.\d+\.output", "attn": ["attention.output"]}
-_LLAMA = {"houlsby": ["self_attn.o_proj", "mlp.down_proj"], "pfeiffer": r".*\.layers\.\d+", "ffn": ["mlp"],
-          "attn": ["self_attn"]}
-PLACEMENTS: dict[str, dict[str, list[str] | str]] = {
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _POST_LN),
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma"), _LLAMA),
-    "gpt2": {"houlsby": ["attn.c_proj", "mlp.c_proj"], "pfeiffer": r".*\.h\.\d+", "ffn": ["mlp"], "attn": ["attn"]},
-    # OPT's FFN is no module of its own (fc1/fc2 sit in the decoder layer), so it has no parallel "ffn" placement.
-    "opt": {"houlsby": ["self_attn.out_proj", "fc2"], "pfeiffer": r".*\.layers\.\d+", "attn": ["self_attn"]},
-    **dict.fromkeys(("t5", "mt5"), {
-        "houlsby": ["SelfAttention.o", "DenseReluDense.wo"],
-        "pfeiffer": r"(.*\.)?(encoder\.block\.\d+\.layer\.1|decoder\.block\.\d+\.layer\.2)",
-        "ffn": ["DenseReluDense"], "attn": ["SelfAttention"]}),
-}
-
 
 @dataclass(kw_only=True)
-class _BottleneckConfig(TunerConfig):
-    """Fields shared by serial and parallel adapters (documented on the public subclasses)."""
-
-    r: int | None = None
-    reduction_factor: float = 16
-    non_linearity: str | None = "relu"
-    adapter_dropout: float = 0.0
-    scaling: float = 1.0
-    init_weights: bool | str = True
-    drop_lowest_layers: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        name = type(self).__name__
-        if self.r is not None and (not isinstance(self.r, int) or self.r <= 0):
-            raise PeftConfigError(f"{name}.r must be a positive integer or None (reduction_factor), got {self.r!r}.")
-        if not self.reduction_factor > 0:
-            raise PeftConfigError(f"{name}.reduction_factor must be positive, got {self.reduction_factor!r}.")
-        if self.non_linearity not in _ACTIVATIONS:
-            raise PeftConfigError(f"{name}.non_linearity={self.non_linearity!r}; use one of {sorted(_ACTIVATIONS)}.")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise PeftConfigError(f"{name}.adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}.")
-        if self.init_weights not in _INITS:
-            raise PeftConfigError(f"{name}.init_weights={self.init_weights!r}; use one of {list(_INITS)}.")
-        if not isinstance(self.drop_lowest_layers, int) or self.drop_lowest_layers < 0:
-            raise PeftConfigError(f"{name}.drop_lowest_layers must be an int >= 0, got {self.drop_lowest_layers!r}.")
-
-    def bottleneck_size(self, hidden: int) -> int:
-        return self.r if self.r is not None else max(1, int(hidden // self.reduction_factor))
-
-    def placement(self) -> str:
-        raise NotImplementedError
-
-
-@dataclass(kw_only=True)
-class AdapterConfig(_BottleneckConfig):
+class AdapterConfig(BottleneckConfigBase):
     """A serial bottleneck adapter: ``A(u) = s · W_up f(W_down u + b_down) + b_up`` inserted after a sub-layer.
 
     Houlsby: after the attention output projection and after the FFN output, ``out = LN(x + h + A(h))``.
@@ -151,142 +95,6 @@ class AdapterConfig(_BottleneckConfig):
         return self.variant
 
 
-# ---- module introspection ------------------------------------------------------------------------------------------
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-
-
-def _linear_sizes(module: nn.Module) -> list[tuple[int, int]]:
-    """(in, out) of ``module`` or of each linear inside it, in registration order (adapter weights excluded)."""
-    sizes = []
-    for _, sub in [("", module), *candidate_modules(module)]:
-        if is_linear_like(sub):
-            base = base_layer_of(sub)
-            linear = isinstance(base, nn.Linear)
-            # Conv1D stores its weight as (in, out).
-            sizes.append((base.in_features, base.out_features) if linear else tuple(base.weight.shape))
-    return sizes
-
-
-def _input_name(module: nn.Module) -> str | None:
-    params = list(inspect.signature(module.forward).parameters)
-    return params[0] if params else None
-
-
-def _first_input(args: tuple, kwargs: dict, name: str | None) -> torch.Tensor:
-    return args[0] if args else kwargs[name]
-
-
-def _add_to_output(out: Any, delta: torch.Tensor) -> Any:
-    # Attention modules return (output, weights): the adapter changes the output only.
-    if isinstance(out, tuple):
-        return (out[0] + delta.to(out[0].dtype), *out[1:])
-    return out + delta.to(out.dtype)
-
-
-# ---- layers --------------------------------------------------------------------------------------------------------
-class BottleneckLayer(AdapterLayer):
-    """Per-adapter bottlenecks ``A(u) = s · W_up f(W_down u + b_down) + b_up`` and AdapterDrop state.
-
-    Shapes: ``u (..., in_features)`` → ``A(u) (..., out_features)``; ``W_down (m, in)``, ``W_up (out, m)``.
-    Subclasses decide where ``A`` reads and writes. ``skipped`` (inference AdapterDrop) makes the layer the base
-    module; ``drop_below[name] = k`` (robust AdapterDrop, training only) skips ``name`` when ``layer_idx < k``.
-    """
-
-    adapter_param_names = ("adapter_down", "adapter_up")
-    adapter_attr_names = ("non_linearity", "adapter_dropout", "scaling", "drop_below")
-    method_name = "Bottleneck adapter"
-
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, layer_idx: int | None) -> None:
-        super().__init__(base_layer)
-        self.in_features, self.out_features, self.layer_idx = in_features, out_features, layer_idx
-        self.adapter_down, self.adapter_up = nn.ModuleDict(), nn.ModuleDict()
-        self.non_linearity, self.adapter_dropout = nn.ModuleDict(), nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.drop_below: dict[str, int] = {}
-        self.skipped = False
-        self._input_name = _input_name(base_layer_of(base_layer))
-
-    def __getattr__(self, name: str) -> Any:
-        # Model code may read attributes off the module it owns (e.g. a decoder layer's ``attention_type``).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer" or "base_layer" not in self._modules:
-                raise
-            return getattr(self._modules["base_layer"], name)
-
-    def update_layer(self, adapter_name: str, config: _BottleneckConfig, module_name: str) -> None:
-        m = config.bottleneck_size(self.in_features)
-        self.adapter_down[adapter_name] = nn.Linear(self.in_features, m)
-        self.adapter_up[adapter_name] = nn.Linear(m, self.out_features)
-        self.non_linearity[adapter_name] = _ACTIVATIONS[config.non_linearity]()
-        p = config.adapter_dropout
-        self.adapter_dropout[adapter_name] = nn.Dropout(p) if p else nn.Identity()
-        self.scaling[adapter_name] = config.scaling
-        self.reset_adapter_parameters(adapter_name, config.init_weights)
-        ref = next(base_layer_of(self).parameters(), None)
-        if ref is not None:
-            # Half-precision bases keep fp32 adapters: updates of size lr·grad vanish when rounded to bf16.
-            dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
-            for container in (self.adapter_down, self.adapter_up):
-                container[adapter_name].to(device=ref.device, dtype=dtype)
-
-    def reset_adapter_parameters(self, adapter_name: str, init: bool | str) -> None:
-        """``W_up = 0`` (He et al. 2022, AdapterHub "mam_adapter"): ``A = 0``, the model is unchanged at step 0."""
-        down, up = self.adapter_down[adapter_name], self.adapter_up[adapter_name]
-        if init is False:
-            return  # nn.Linear's own random init: the adapter changes the outputs at once (tests)
-        for lin in (down, up):
-            nn.init.zeros_(lin.bias)
-        if init is True:
-            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))  # nn.Linear's init, as AdapterHub's mam_adapter
-            nn.init.zeros_(up.weight)
-        elif init == "bert":
-            nn.init.normal_(down.weight, std=0.02)
-            nn.init.normal_(up.weight, std=0.02)
-        else:  # Houlsby et al. Sec. 2.1: near-identity, small truncated normal weights
-            for lin in (down, up):
-                nn.init.trunc_normal_(lin.weight, std=1e-2, a=-2e-2, b=2e-2)
-
-    def bottleneck(self, adapter_name: str, u: torch.Tensor) -> torch.Tensor:
-        down, up = self.adapter_down[adapter_name], self.adapter_up[adapter_name]
-        hidden = self.non_linearity[adapter_name](down(u.to(down.weight.dtype)))  # (..., m)
-        return self.adapter_dropout[adapter_name](up(hidden) * self.scaling[adapter_name])  # (..., out)
-
-    def _delta(self, adapter_name: str, u: torch.Tensor) -> torch.Tensor:
-        return self.bottleneck(adapter_name, u)
-
-    def _running(self) -> list[str]:
-        """Active adapters this forward applies, after AdapterDrop."""
-        if self.disable_adapters or self.skipped:
-            return []
-        if not self.training or self.layer_idx is None:
-            return list(self.active_adapters)
-        return [n for n in self.active_adapters if self.layer_idx >= self.drop_below.get(n, 0)]
-
-    def _batch_delta(self, u: torch.Tensor) -> torch.Tensor:
-        """The summed adapter outputs of a mixed batch: each row gets its own adapter's, base rows zero."""
-        delta = u.new_zeros((*u.shape[:-1], self.out_features))
-        held = set(self.adapter_names)
-        for name, rows in self.rows_per_adapter(u.shape[0]).items():
-            if name in held:
-                rows = rows.to(u.device)
-                delta = delta.index_add(0, rows, self._delta(name, u[rows]).to(delta.dtype))
-        return delta
-
-    # Adapters compute a nonlinear function of the activations: nothing can be folded into a weight.
-    def check_merge(self, adapter_names: list[str] | None = None) -> None:
-        if self._to_merge(adapter_names):
-            raise NotMergeableError(f"{self.method_name}s cannot be merged into weights; keep them or unload().")
-
-    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
-        self.check_merge(adapter_names)
-
-    def unmerge(self) -> None:
-        return None
-
-
 class SerialAdapterLayer(BottleneckLayer):
     """Serial adapter (Houlsby / Pfeiffer) around one module; also holds AdapterFusion modules over its adapters.
 
@@ -308,11 +116,11 @@ class SerialAdapterLayer(BottleneckLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterConfig, module_name: str) -> None:
         base = base_layer_of(base_layer)
-        post_norm = _is_norm(base)
+        post_norm = is_norm_module(base)
         if post_norm:
             size = base.weight.shape[-1] if getattr(base, "weight", None) is not None else base.normalized_shape[-1]
         else:
-            sizes = _linear_sizes(base)
+            sizes = linear_sizes(base)
             if not sizes:
                 raise TargetModuleError(
                     f"A serial adapter cannot read the hidden size of {module_name} ({type(base).__name__}): wrap an "
@@ -345,10 +153,10 @@ class SerialAdapterLayer(BottleneckLayer):
     def _split(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
         """Run the base module up to the adapter: (adapter input u, function taking Σ A(u) to the layer output)."""
         if self.post_norm:
-            z = _first_input(args, kwargs, self._input_name)
+            z = first_input(args, kwargs, self._input_name)
             return self.base_layer(z), lambda delta: self.base_layer(z + delta.to(z.dtype))
         out = self.base_layer(*args, **kwargs)
-        return (out[0] if isinstance(out, tuple) else out), lambda delta: _add_to_output(out, delta)
+        return (out[0] if isinstance(out, tuple) else out), lambda delta: add_to_output(out, delta)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.batch_adapter_names is not None:
@@ -372,19 +180,7 @@ class SerialAdapterLayer(BottleneckLayer):
         return finish(self._batch_delta(u))
 
 
-# ---- methods -------------------------------------------------------------------------------------------------------
-def _bottleneck_layers(peft_model: nn.Module) -> Iterable[BottleneckLayer]:
-    return [layer for _, layer in adapter_layers(peft_model.base_model.model) if isinstance(layer, BottleneckLayer)]
-
-
-def set_skip_layers(peft_model: nn.Module, layers: Iterable[int] | None) -> None:
-    """AdapterDrop at inference: adapters (and fusions) of these transformer layers are skipped, which then run the
-    base computation only. ``None`` or ``[]`` restores them. Applies to every bottleneck adapter of the model."""
-    skip = set(layers or ())
-    for layer in _bottleneck_layers(peft_model):
-        layer.skipped = layer.layer_idx in skip
-
-
+# ---- method ------------------------------------------------------------------------------------------------------
 def _block_prefix(name: str, layers_pattern: list[str] | str | None) -> str | None:
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or _LAYER_LISTS)
     alternatives = "|".join(re.escape(p) for p in patterns if p)
@@ -392,42 +188,8 @@ def _block_prefix(name: str, layers_pattern: list[str] | str | None) -> str | No
     return found.group(1) if found else None
 
 
-class _BottleneckMethodBase(PeftMethod):
-    mergeable = False
-
-    @classmethod
-    def prepare_config(cls, model: nn.Module, config: PeftConfig) -> PeftConfig:
-        assert isinstance(config, _BottleneckConfig)
-        if config.target_modules is not None:
-            return config
-        arch = model_type(model) or ""
-        targets = PLACEMENTS.get(arch, {}).get(config.placement())
-        if targets is None and arch in PLACEMENTS:
-            raise PeftConfigError(
-                f"{type(config).__name__}: {arch} has no module for the {config.placement()!r} placement (its FFN is "
-                "not one module); pick another placement or pass target_modules."
-            )
-        return dataclasses.replace(config, target_modules=targets) if targets is not None else config
-
-    @classmethod
-    def before_forward(cls, peft_model: nn.Module, adapter_name: str) -> None:
-        # Robust AdapterDrop draws k once per step here, not in the layers: every layer must see the same k, and
-        # checkpointed recomputation (which re-runs the layers) must not redraw it.
-        config = peft_model.peft_config[adapter_name]
-        if not config.drop_lowest_layers:
-            return
-        k = int(torch.randint(0, config.drop_lowest_layers + 1, ())) if peft_model.training else 0
-        for layer in _bottleneck_layers(peft_model):
-            if adapter_name in layer.scaling:
-                layer.drop_below[adapter_name] = k
-
-    @classmethod
-    def set_skip_layers(cls, peft_model: nn.Module, layers: Iterable[int] | None) -> None:
-        set_skip_layers(peft_model, layers)
-
-
 @register(AdapterConfig)
-class BottleneckMethod(_BottleneckMethodBase):
+class BottleneckMethod(BottleneckMethodBase):
     """Serial adapters: wraps each target in a :class:`SerialAdapterLayer`; Houlsby's layer norms train too."""
 
     layer_class = SerialAdapterLayer
@@ -451,7 +213,7 @@ class BottleneckMethod(_BottleneckMethodBase):
         names = []
         for module_name, module in model.named_modules():
             logical = logical_name(module_name)
-            if not _is_norm(module) or not any(logical.startswith(b + ".") for b in blocks):
+            if not is_norm_module(module) or not any(logical.startswith(b + ".") for b in blocks):
                 continue
             if any(module_name.startswith(h + ".") for h in heads):
                 continue

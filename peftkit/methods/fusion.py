@@ -32,7 +32,8 @@ from peftkit.core.inject import adapter_layers
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import PeftMethod, register
 from peftkit.core.targets import logical_name
-from peftkit.methods.adapters import SerialAdapterLayer, set_skip_layers
+from peftkit.methods.adapters import SerialAdapterLayer
+from peftkit.methods.bottleneck import set_skip_layers
 
 __all__ = ["AdapterFusionConfig", "AdapterFusionAttention", "AdapterFusionMethod"]
 

@@ -1,7 +1,7 @@
 """Parallel adapters (He et al. 2022, https://arxiv.org/abs/2110.04366): a bottleneck beside a sub-layer.
 
 Reference behaviour: AdapterHub ``adapters`` ``ParBnConfig``. The bottleneck, placements and AdapterDrop are shared
-with the serial adapters in :mod:`peftkit.methods.adapters`; this module holds what differs: where ``A`` reads.
+with the serial adapters (:mod:`peftkit.methods.bottleneck`); this module holds what differs: where ``A`` reads.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from peftkit.core.errors import PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, base_layer_of
 from peftkit.core.registry import register
 from peftkit.core.targets import layer_index
-from peftkit.methods.adapters import (
+from peftkit.methods.bottleneck import (
+    BottleneckConfigBase,
     BottleneckLayer,
-    _add_to_output,
-    _BottleneckConfig,
-    _BottleneckMethodBase,
-    _first_input,
-    _linear_sizes,
+    BottleneckMethodBase,
+    add_to_output,
+    first_input,
+    linear_sizes,
 )
 
 __all__ = ["ParallelAdapterConfig", "ParallelAdapterLayer", "ParallelAdapterMethod"]
 
 
 @dataclass(kw_only=True)
-class ParallelAdapterConfig(_BottleneckConfig):
+class ParallelAdapterConfig(BottleneckConfigBase):
     """A parallel adapter (He et al. 2022): ``out = LN(x + h + s · A(x))``, the adapter reading the sub-layer input.
 
     Args:
@@ -71,7 +71,7 @@ class ParallelAdapterLayer(BottleneckLayer):
         self, base_layer: nn.Module, adapter_name: str, config: ParallelAdapterConfig, module_name: str
     ) -> None:
         base = base_layer_of(base_layer)
-        sizes = _linear_sizes(base)
+        sizes = linear_sizes(base)
         if not sizes:
             raise TargetModuleError(
                 f"A parallel adapter cannot read the sizes of {module_name} ({type(base).__name__}): wrap a sub-layer "
@@ -105,12 +105,12 @@ class ParallelAdapterLayer(BottleneckLayer):
     def _apply(self, args: tuple, kwargs: dict, delta_of: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         if self.residual_arg:
             return self._with_residual(args, kwargs, delta_of)
-        z = _first_input(args, kwargs, self._input_name)
-        return _add_to_output(self.base_layer(*args, **kwargs), delta_of(z))
+        z = first_input(args, kwargs, self._input_name)
+        return add_to_output(self.base_layer(*args, **kwargs), delta_of(z))
 
 
 @register(ParallelAdapterConfig)
-class ParallelAdapterMethod(_BottleneckMethodBase):
+class ParallelAdapterMethod(BottleneckMethodBase):
     """Parallel adapters: wraps each target sub-layer in a :class:`ParallelAdapterLayer`."""
 
     layer_class = ParallelAdapterLayer

@@ -26,7 +26,8 @@ from peftkit import (
 )
 from peftkit.core.layer import BASE_ADAPTER_NAME
 from peftkit.core.targets import get_module
-from peftkit.methods.adapters import BottleneckLayer, SerialAdapterLayer
+from peftkit.methods.adapters import SerialAdapterLayer
+from peftkit.methods.bottleneck import BottleneckLayer
 from peftkit.methods.parallel_adapter import ParallelAdapterLayer
 
 ACT = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu}
@@ -391,3 +392,36 @@ def test_robust_adapter_drop_skips_lowest_k_layers_per_step_and_never_in_eval() 
     full = get_peft_model(make_model("gpt2"), AdapterConfig(r=4, init_weights=False)).eval()
     full.load_state_dict(model.state_dict(), strict=False)
     torch.testing.assert_close(model_logits(model, inputs), model_logits(full, inputs))
+
+
+def test_generate_mixed_batch_through_block_level_adapters() -> None:
+    # Pfeiffer wraps Llama's decoder layers, which receive the cache and position embeddings as keywords.
+    model = get_peft_model(make_model("llama"), AdapterConfig(r=4, init_weights=False)).eval()
+    model.add_adapter("other", AdapterConfig(r=4, init_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adapter_up" in name:
+                param.normal_(std=0.5)  # strong, so that greedy tokens differ
+    ids = make_inputs("llama", batch=3)["input_ids"]
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 2}
+    names = ["other", BASE_ADAPTER_NAME, "default"]
+    mixed = model.generate(input_ids=ids, adapter_names=names, **kwargs)
+    for row, name in enumerate(names):
+        if name == BASE_ADAPTER_NAME:
+            with model.disable_adapter():
+                expected = model.generate(input_ids=ids[row : row + 1], **kwargs)
+        else:
+            model.set_adapter(name)
+            expected = model.generate(input_ids=ids[row : row + 1], **kwargs)
+        assert torch.equal(mixed[row], expected[0])
+    assert not torch.equal(mixed[0], mixed[2])
+
+
+def test_half_precision_base_keeps_fp32_adapters() -> None:
+    base = make_model("gpt2").to(torch.bfloat16)
+    model = get_peft_model(base, AdapterConfig(r=4, init_weights=False))
+    model.add_adapter("par", ParallelAdapterConfig(r=4, init_weights=False))
+    model.set_adapter(["default", "par"])
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "adapter_" in n)
+    logits = model_logits(model, make_inputs("gpt2"))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
