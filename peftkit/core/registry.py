@@ -61,7 +61,7 @@ class PeftMethod:
         Raises:
             TargetModuleError: the module type is not supported (the message lists the supported ones).
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__name__} must implement layer_for to wrap target modules.")
 
     @classmethod
     def update_layer(cls, layer: AdapterLayer, config: PeftConfig, adapter_name: str, module_name: str) -> None:

@@ -90,7 +90,7 @@ class BottleneckConfigBase(TunerConfig):
         return self.r if self.r is not None else max(1, int(hidden // self.reduction_factor))
 
     def placement(self) -> str:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say where its adapters attach (placement()).")
 
 
 

@@ -127,7 +127,7 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
 
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _make_pair (the A and B modules for rank r).")
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         r, alpha = config.rank_and_alpha(module_name)
