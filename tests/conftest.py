@@ -102,3 +102,14 @@ def model_logits(model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs) ->
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)
+
+
+class LayerHolder(nn.Module):
+    """A model whose only module is ``layer``, so ``target_modules=["layer"]`` wraps exactly that."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_inputs, make_model, model_logits
+from conftest import LayerHolder, make_inputs, make_model, model_logits
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -18,13 +18,6 @@ from peftkit.methods.adalora import AdaLoraLinear, RankAllocator
 TOL = 1e-5
 
 
-class _Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _config(**kw) -> AdaLoraConfig:
@@ -99,7 +92,8 @@ def test_config_defaults_are_hf_peft_and_r_is_ignored_with_warning() -> None:
 @pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2"])
 def test_layer_matches_svd_formula_and_merges(kind: str) -> None:
     layer = nn.Linear(6, 5) if kind == "linear" else Conv1D(5, 6)
-    model = get_peft_model(_Holder(layer), _config(target_modules=["layer"], init_lora_weights=False, lora_alpha=3))
+    config = _config(target_modules=["layer"], init_lora_weights=False, lora_alpha=3)
+    model = get_peft_model(LayerHolder(layer), config)
     x = torch.randn(2, 3, 6)
     ada = model.base_model.model.layer
     q, lam, p = ada.lora_A["default"], ada.lora_E["default"], ada.lora_B["default"]
@@ -113,7 +107,7 @@ def test_layer_matches_svd_formula_and_merges(kind: str) -> None:
 
 def test_default_init_leaves_outputs_unchanged_with_hf_statistics() -> None:
     torch.manual_seed(0)
-    model = get_peft_model(_Holder(nn.Linear(64, 64)), _config(target_modules=["layer"]))
+    model = get_peft_model(LayerHolder(nn.Linear(64, 64)), _config(target_modules=["layer"]))
     layer = model.base_model.model.layer
     assert torch.count_nonzero(layer.lora_E["default"]) == 0
     assert abs(layer.lora_A["default"].std().item() - 0.02) < 4e-3

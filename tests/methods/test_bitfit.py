@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs, make_model, model_logits
+from conftest import LayerHolder, make_inputs, make_model, model_logits
 from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -16,16 +16,6 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit import AdapterLayer, BitFitConfig, PeftConfigError, PeftModel, TargetModuleError, get_peft_model
 from peftkit.methods.bitfit import BitFitLayer
-
-
-class _Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
 
 LAYERS = {
     "linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(3, 4, 6)),
@@ -51,7 +41,7 @@ def _reference(kind: str, base: nn.Module, bias: torch.Tensor, x: torch.Tensor) 
 
 
 def _wrap(layer: nn.Module, **kw) -> PeftModel:
-    return get_peft_model(_Holder(layer), BitFitConfig(init_bitfit_weights=False, **kw)).eval()
+    return get_peft_model(LayerHolder(layer), BitFitConfig(init_bitfit_weights=False, **kw)).eval()
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
@@ -145,9 +135,9 @@ def test_model_without_biases_gets_a_clear_error(kind: str) -> None:
 
 def test_bias_less_module_in_target_modules_gets_a_clear_error() -> None:
     with pytest.raises(PeftConfigError, match="no bias"):
-        get_peft_model(_Holder(nn.Linear(4, 3, bias=False)), BitFitConfig(target_modules=["layer"]))
+        get_peft_model(LayerHolder(nn.Linear(4, 3, bias=False)), BitFitConfig(target_modules=["layer"]))
     with pytest.raises(TargetModuleError, match="nn.LayerNorm"):
-        get_peft_model(_Holder(nn.Embedding(5, 3)), BitFitConfig(target_modules=["layer"]))
+        get_peft_model(LayerHolder(nn.Embedding(5, 3)), BitFitConfig(target_modules=["layer"]))
 
 
 def test_added_biases_start_at_zero_merge_into_the_linear_and_unload_cleanly() -> None:

@@ -8,23 +8,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs, make_model, model_logits
+from conftest import LayerHolder, make_inputs, make_model, model_logits
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import IA3Config, PeftConfigError, PeftModel, TargetModuleError, get_peft_model
 from peftkit.methods.ia3 import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS, IA3Layer
-
-
-class _Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
 
 LAYERS = {
     "linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(3, 4, 6)),
@@ -36,7 +26,7 @@ LAYERS = {
 def _wrap(layer: nn.Module, feedforward: bool, adapter_name: str = "default") -> PeftModel:
     config = IA3Config(target_modules=["layer"], feedforward_modules=["layer"] if feedforward else [],
                        init_ia3_weights=False)
-    return get_peft_model(_Holder(layer), config, adapter_name=adapter_name).eval()
+    return get_peft_model(LayerHolder(layer), config, adapter_name=adapter_name).eval()
 
 
 def _reference(kind: str, base: nn.Module, scale: torch.Tensor, feedforward: bool, x: torch.Tensor) -> torch.Tensor:
@@ -183,8 +173,8 @@ def test_feedforward_must_be_subset_of_targets() -> None:
 
 def test_unknown_architecture_needs_explicit_feedforward_modules() -> None:
     with pytest.raises(PeftConfigError, match="feedforward_modules"):
-        get_peft_model(_Holder(nn.Linear(4, 4)), IA3Config(target_modules=["layer"]))
-    model = get_peft_model(_Holder(nn.Linear(4, 4)), IA3Config(target_modules=["layer"], feedforward_modules=[]))
+        get_peft_model(LayerHolder(nn.Linear(4, 4)), IA3Config(target_modules=["layer"]))
+    model = get_peft_model(LayerHolder(nn.Linear(4, 4)), IA3Config(target_modules=["layer"], feedforward_modules=[]))
     assert not model.base_model.model.layer.is_feedforward
 
 
@@ -197,7 +187,7 @@ def test_adapters_disagreeing_on_the_side_are_rejected() -> None:
 
 def test_unsupported_module_names_the_supported_ones() -> None:
     with pytest.raises(TargetModuleError, match="nn.Linear"):
-        get_peft_model(_Holder(nn.Embedding(5, 3)), IA3Config(target_modules=["layer"], feedforward_modules=[]))
+        get_peft_model(LayerHolder(nn.Embedding(5, 3)), IA3Config(target_modules=["layer"], feedforward_modules=[]))
 
 
 def test_half_precision_base_keeps_fp32_vectors() -> None:

@@ -8,22 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LayerHolder
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
-
-
-class _Holder(nn.Module):
-    """A model whose only module is ``layer``, so ``target_modules=["layer"]`` wraps exactly that."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 class _Stack(nn.Module):
@@ -64,7 +54,7 @@ LAYERS = {
 
 def _wrap(layer: nn.Module, adapter_name: str = "default", **cfg) -> PeftModel:
     cfg.setdefault("init_lora_weights", False)
-    return get_peft_model(_Holder(layer), LoraConfig(target_modules=["layer"], **cfg), adapter_name=adapter_name)
+    return get_peft_model(LayerHolder(layer), LoraConfig(target_modules=["layer"], **cfg), adapter_name=adapter_name)
 
 
 def _ab(layer: nn.Module, name: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
