@@ -38,6 +38,8 @@ class PeftConfig:
             task head to ``modules_to_save`` of methods that support it.
         base_model_name_or_path: Recorded for the user's information; never used to fetch anything.
         inference_mode: When True the adapter's parameters are frozen after loading.
+        modules_to_save: Modules (e.g. a classifier) that get a full trainable copy per adapter, saved in the
+            checkpoint.
 
     Subclasses set ``hf_unsupported_fields``: fields HF peft writes for features peftkit does not implement,
     mapped to the value that means "feature off". On load they are ignored with a warning while they hold
@@ -50,8 +52,11 @@ class PeftConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise PeftConfigError(
                 f"{type(self).__name__}.task_type={self.task_type!r} is not known; use one of {list(TASK_TYPES)} "
@@ -171,15 +176,12 @@ class TunerConfig(PeftConfig):
         layers_to_transform: Only wrap modules inside these layer indices.
         layers_pattern: Name of the layer list (``"layers"``, ``"h"``, ...) used to read the layer index;
             guessed from common names when None.
-        modules_to_save: Modules (e.g. a classifier) that get a full trainable copy per adapter, saved in the
-            checkpoint.
     """
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
-    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -193,8 +195,6 @@ class TunerConfig(PeftConfig):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise PeftConfigError("layers_pattern only has an effect with layers_to_transform; set both or neither.")
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
 
 
 def config_field(default: Any = None) -> Any:

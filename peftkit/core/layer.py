@@ -16,7 +16,7 @@ from torch import nn
 
 from peftkit.core.errors import NotMergeableError
 
-__all__ = ["AdapterLayer", "ModulesToSaveWrapper", "base_layer_of", "BASE_ADAPTER_NAME"]
+__all__ = ["AdapterLayer", "AdapterModule", "ModulesToSaveWrapper", "base_layer_of", "BASE_ADAPTER_NAME"]
 
 # Name a mixed batch uses for rows that should see the base model only (HF peft's spelling).
 BASE_ADAPTER_NAME = "__base__"
@@ -234,3 +234,26 @@ class ModulesToSaveWrapper(AdapterLayer):
         for rows, out in outputs:
             result[rows] = out
         return result
+
+
+class AdapterModule(nn.Module):
+    """One adapter's parameters that live beside the base model rather than inside a wrapped module: a soft
+    prompt table, a prefix encoder. ``PeftModel`` keeps it at ``adapter_modules[<adapter name>]``.
+
+    The module reaches into the base model through hooks it installs in ``attach`` and removes in ``detach``,
+    so the model's module tree, and with it every parameter name, stays as it was.
+    """
+
+    def attach(self, model: nn.Module) -> None:
+        """Install whatever the module needs on ``model`` (hooks); called once when the adapter is added."""
+
+    def detach(self, model: nn.Module) -> None:
+        """Undo ``attach``; called when the adapter is deleted or the model unloaded."""
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds, under their checkpoint keys: the module's inference form (a training-time
+        reparametrisation is evaluated and left out). After ``materialize`` these are the live parameters."""
+        raise NotImplementedError(f"{type(self).__name__} must define checkpoint_tensors.")
+
+    def materialize(self) -> None:
+        """Switch to the form ``checkpoint_tensors`` describes, so a checkpoint can be loaded into it."""

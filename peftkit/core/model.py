@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import os
 import weakref
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from peftkit.core.config import PeftConfig, TunerConfig
 from peftkit.core.errors import AdapterNotFoundError, CheckpointError, NotMergeableError, PeftConfigError
 from peftkit.core.inject import adapter_layers, add_modules_to_save, inject_adapter, remove_adapter, replace_module
 from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
-from peftkit.core.registry import PeftMethod, method_for
+from peftkit.core.registry import ForwardCall, PeftMethod, method_for
 from peftkit.core.targets import logical_name
 from peftkit.integrations.transformers import task_head_names
 
@@ -56,6 +57,24 @@ class _BaseModelHost(nn.Module):
         return getattr(self.model, name)
 
 
+class _BoundForward(functools.partial):
+    """``peft_model.forward``, reporting the base model's signature (plus ``adapter_names``): the transformers
+    Trainer keeps only the dataset columns that ``forward``'s signature names, and special-cases HF peft alone."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        base = inspect.signature(self.args[0].base_model.model.forward)
+        params = list(base.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+        return base.replace(parameters=params)
+
+
+class _ForwardDescriptor:
+    def __get__(self, obj: PeftModel | None, objtype: type | None = None) -> Any:
+        return PeftModel._forward if obj is None else _BoundForward(PeftModel._forward, obj)
+
+
 class PeftModel(nn.Module):
     """A base model with one or more adapters injected.
 
@@ -72,8 +91,10 @@ class PeftModel(nn.Module):
         super().__init__()
         self.base_model = _BaseModelHost(model)
         self.base_model.__dict__["_owner"] = weakref.ref(self)  # a plain attribute: no module cycle
+        self.adapter_modules = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._adapters_disabled = False
         self._base_snapshot: dict[str, torch.Tensor] = {}
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -122,12 +143,20 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    forward = _ForwardDescriptor()
+
+    def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. In training, methods' auxiliary losses are added to ``outputs.loss``."""
         for name in self._active:
             method_for(self.peft_config[name]).before_forward(self, name)
-        with self._mixed_batch(adapter_names, args, kwargs):
-            outputs = self.base_model.model(*args, **kwargs)
+        model = self.base_model.model
+        with self._mixed_batch(adapter_names, args, kwargs), self._call_context(adapter_names, args, kwargs) as call:
+            if call is None:
+                outputs = model(*args, **kwargs)
+            else:
+                outputs = model(**call.kwargs)
+                for hook in call.output_hooks:
+                    outputs = hook(outputs)
         if self.training and getattr(outputs, "loss", None) is not None:
             extra = self.auxiliary_loss()
             if extra is not None:
@@ -148,8 +177,54 @@ class PeftModel(nn.Module):
         return total
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        model = self.base_model.model
         with self._mixed_batch(adapter_names, args, kwargs):
-            return self.base_model.model.generate(*args, **kwargs)
+            with self._call_context(adapter_names, args, kwargs, generating=True) as call:
+                if call is None:
+                    return model.generate(*args, **kwargs)
+                outputs = model.generate(**call.kwargs)
+                for hook in call.output_hooks:
+                    outputs = hook(outputs)
+                return outputs
+
+    @contextlib.contextmanager
+    def _call_context(
+        self, adapter_names: list[str] | None, args: tuple, kwargs: dict, generating: bool = False
+    ) -> Iterator[ForwardCall | None]:
+        """Let methods with a ``forward_context`` rewrite the inputs; None when no method has one (the fast path)."""
+        methods: dict[type[PeftMethod], list[str]] = {}
+        for name, config in self.peft_config.items():
+            method = method_for(config)
+            if method.forward_context.__func__ is not PeftMethod.forward_context.__func__:
+                methods.setdefault(method, [])
+                in_play = name in adapter_names if adapter_names is not None else name in self._active
+                if in_play and not self._adapters_disabled:
+                    methods[method].append(name)
+        if not methods:
+            yield None
+            return
+        call = ForwardCall(self.base_model.model, self._named_inputs(args, kwargs, generating), adapter_names,
+                           generating)
+        with contextlib.ExitStack() as stack:
+            for method, names in methods.items():
+                stack.enter_context(method.forward_context(self, names, call))
+            yield call
+
+    def _named_inputs(self, args: tuple, kwargs: dict, generating: bool) -> dict[str, Any]:
+        kwargs = dict(kwargs)
+        if generating:  # generate(inputs, generation_config, ...): the first argument is the prompt
+            if "inputs" in kwargs:
+                kwargs.setdefault("input_ids", kwargs.pop("inputs"))
+            names = ["input_ids", "generation_config"]
+        else:
+            names = list(inspect.signature(self.base_model.model.forward).parameters)
+        if len(args) > len(names):
+            raise TypeError(f"Too many positional arguments ({len(args)}); pass the inputs by name.")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"Input {name!r} given both by position and by name.")
+            kwargs[name] = value
+        return kwargs
 
     # ---- adapters ------------------------------------------------------------------------------------------
     @property
@@ -176,12 +251,18 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         try:
             inject_adapter(model, method, config, adapter_name)
-            if isinstance(config, TunerConfig) and config.modules_to_save:
+            module = method.adapter_module(self, config, adapter_name)
+            if module is not None:
+                module.train(self.training)
+                self.adapter_modules[adapter_name] = module
+                module.attach(model)
+            if config.modules_to_save:
                 add_modules_to_save(model, config.modules_to_save, adapter_name)
             for name in method.trainable_base_parameters(model, config):
                 param = model.get_parameter(name)
                 self._base_snapshot.setdefault(name, param.detach().clone())
         except BaseException:
+            self._remove_adapter_module(adapter_name)
             remove_adapter(model, adapter_name)
             raise
         self.peft_config[adapter_name] = config
@@ -189,14 +270,17 @@ class PeftModel(nn.Module):
             layer.set_adapter(self._active)
         self._apply_trainability()
 
+    def _remove_adapter_module(self, adapter_name: str) -> None:
+        if adapter_name in self.adapter_modules:
+            self.adapter_modules[adapter_name].detach(self.base_model.model)
+            del self.adapter_modules[adapter_name]
+
     def _complete_config(self, config: PeftConfig, method: type[PeftMethod]) -> PeftConfig:
         """Fill what the user left to defaults: targets for the architecture, the task head."""
-        if not isinstance(config, TunerConfig):
-            return config
         model = self.base_model.model
         config = method.prepare_config(model, config)
         changes: dict[str, Any] = {}
-        if config.target_modules is None:
+        if isinstance(config, TunerConfig) and config.target_modules is None:
             defaults = method.default_target_modules(model)
             if defaults is None:
                 raise PeftConfigError(
@@ -222,6 +306,7 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known([adapter_name])
+        self._remove_adapter_module(adapter_name)
         remove_adapter(self.base_model.model, adapter_name)
         del self.peft_config[adapter_name]
         remaining = [n for n in self._active if n != adapter_name]
@@ -245,6 +330,8 @@ class PeftModel(nn.Module):
             trainable = name in self._active and not config.inference_mode
             for layer in layers:
                 layer.set_trainable(name, trainable)
+            if name in self.adapter_modules:
+                self.adapter_modules[name].requires_grad_(trainable)
             for param_name in method_for(config).trainable_base_parameters(model, config):
                 shared[param_name] = shared.get(param_name, False) or trainable
         for param_name, trainable in shared.items():
@@ -255,12 +342,15 @@ class PeftModel(nn.Module):
         """Run the base model: ``with model.disable_adapter(): ...``. Merged adapters are unmerged inside."""
         layers = [layer for _, layer in self._layers()]
         previous = [(layer.disable_adapters, list(layer.merged_adapters)) for layer in layers]
+        was_disabled = self._adapters_disabled
         try:
             for layer in layers:
                 layer.unmerge()
                 layer.disable_adapters = True
+            self._adapters_disabled = True
             yield
         finally:
+            self._adapters_disabled = was_disabled
             for layer, (was_disabled, merged) in reversed(list(zip(layers, previous))):
                 layer.disable_adapters = was_disabled
                 if merged:
@@ -354,6 +444,8 @@ class PeftModel(nn.Module):
             for name, original in self._base_snapshot.items():
                 model.get_parameter(name).copy_(original)
         self._base_snapshot = {}
+        for name in list(self.adapter_modules):
+            self._remove_adapter_module(name)
         for name, layer in reversed(list(self._layers())):
             layer.unmerge()
             replace_module(model, name, layer.base_layer)
@@ -393,6 +485,10 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         for name in method_for(config).trainable_base_parameters(model, config):
             out[ckpt.KEY_PREFIX + name] = model.get_parameter(name)
+        if adapter_name in self.adapter_modules:
+            if live:  # a checkpoint holds the module's inference form; loading goes into that form
+                self.adapter_modules[adapter_name].materialize()
+            out.update(self.adapter_modules[adapter_name].checkpoint_tensors())
         return out if live else {k: v.detach() for k, v in out.items()}
 
     def save_pretrained(

@@ -6,20 +6,42 @@ A method module defines a config dataclass and a :class:`PeftMethod` subclass de
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ClassVar
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from peftkit.core.config import PeftConfig
 from peftkit.core.errors import PeftConfigError
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import AdapterLayer, AdapterModule
 
-__all__ = ["PeftMethod", "register", "method_for", "config_class_for", "registered_peft_types"]
+__all__ = ["ForwardCall", "PeftMethod", "register", "method_for", "config_class_for", "registered_peft_types"]
 
 _METHODS: dict[type[PeftConfig], type[PeftMethod]] = {}
 _CONFIGS_BY_TYPE: dict[str, type[PeftConfig]] = {}
+
+
+@dataclass
+class ForwardCall:
+    """One ``PeftModel.forward`` or ``generate`` call as a method's ``forward_context`` sees it.
+
+    Attributes:
+        model: The base model about to run.
+        kwargs: Every input by name (positional ones bound to the base model's signature); a method may rewrite
+            them, e.g. insert virtual tokens and extend ``attention_mask`` and ``labels`` to match.
+        batch_adapter_names: One adapter name per row in a mixed batch, else None.
+        generating: True inside ``generate``.
+        output_hooks: Functions applied in order to what the base model returns, e.g. to drop virtual positions.
+    """
+
+    model: nn.Module
+    kwargs: dict[str, Any]
+    batch_adapter_names: list[str] | None = None
+    generating: bool = False
+    output_hooks: list[Callable[[Any], Any]] = field(default_factory=list)
 
 
 class PeftMethod:
@@ -78,6 +100,22 @@ class PeftMethod:
         """Called by ``PeftModel.forward`` for each active adapter before the base model runs: the place for a
         per-step random draw that every layer must share (checkpointed recomputation does not call it again)."""
         return None
+
+    @classmethod
+    def adapter_module(cls, peft_model: nn.Module, config: PeftConfig, adapter_name: str) -> AdapterModule | None:
+        """The adapter's parameters that live beside the base model (a prompt table), or None for methods whose
+        parameters all sit in wrapped layers."""
+        return None
+
+    @classmethod
+    @contextlib.contextmanager
+    def forward_context(cls, peft_model: nn.Module, adapter_names: list[str], call: ForwardCall) -> Iterator[None]:
+        """Wraps one forward or generate call of a model that holds adapters of this method.
+
+        ``adapter_names`` are this method's adapters the call uses (the active ones, or those a mixed batch
+        names), empty when adapters are disabled. The method may rewrite ``call.kwargs`` and add output hooks.
+        """
+        yield
 
     @classmethod
     def auxiliary_loss(cls, peft_model: nn.Module, adapter_name: str) -> torch.Tensor | None:

@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
-from peftkit.methods import adalora, adapters, bitfit, bottleneck, fusion, ia3, lora, parallel_adapter
+from peftkit.methods import (
+    adalora,
+    adapters,
+    bitfit,
+    bottleneck,
+    fusion,
+    ia3,
+    lora,
+    p_tuning,
+    parallel_adapter,
+    prefix_tuning,
+    prompt_learning,
+    prompt_tuning,
+)
 
-__all__ = ["adalora", "adapters", "bitfit", "bottleneck", "fusion", "ia3", "lora", "parallel_adapter"]
+__all__ = [
+    "adalora", "adapters", "bitfit", "bottleneck", "fusion", "ia3", "lora", "p_tuning", "parallel_adapter",
+    "prefix_tuning", "prompt_learning", "prompt_tuning",
+]
