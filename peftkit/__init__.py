@@ -29,7 +29,10 @@ from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.p_tuning import PromptEncoderConfig, PTuningConfig
 from peftkit.methods.parallel_adapter import ParallelAdapterConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig, PTuningV2Config
+from peftkit.methods.prompt_tuning import PromptTuningConfig
 
 __version__ = "0.1.0"
 
@@ -44,11 +47,16 @@ __all__ = [
     "IA3Config",
     "LoraConfig",
     "NotMergeableError",
+    "PTuningConfig",
+    "PTuningV2Config",
     "ParallelAdapterConfig",
     "PeftConfig",
     "PeftConfigError",
     "PeftMethod",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "TargetModuleError",
     "__version__",
     "get_peft_model",
