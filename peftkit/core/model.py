@@ -475,16 +475,18 @@ class PeftModel(nn.Module):
     def get_adapter_state_dict(self, adapter_name: str, live: bool = False) -> dict[str, torch.Tensor]:
         """The adapter's tensors keyed as in the checkpoint (``base_model.model.<path>...``)."""
         self._check_known([adapter_name])
+        config = self.peft_config[adapter_name]
+        method = method_for(config)
+        prefix = method.checkpoint_prefix
         out: dict[str, torch.Tensor] = {}
         for path, layer in self._layers():
             # Keys use the wrapped module's name, so they do not depend on which other layers nest around it.
             path = logical_name(path)
             for key, tensor in layer.adapter_tensors(adapter_name).items():
-                out[f"{ckpt.KEY_PREFIX}{path}.{key}"] = tensor
-        config = self.peft_config[adapter_name]
+                out[f"{prefix}{path}.{key}"] = tensor
         model = self.base_model.model
-        for name in method_for(config).trainable_base_parameters(model, config):
-            out[ckpt.KEY_PREFIX + name] = model.get_parameter(name)
+        for name in method.trainable_base_parameters(model, config):
+            out[prefix + name] = model.get_parameter(name)
         if adapter_name in self.adapter_modules:
             if live:  # a checkpoint holds the module's inference form; loading goes into that form
                 self.adapter_modules[adapter_name].materialize()

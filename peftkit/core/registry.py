@@ -60,6 +60,9 @@ class PeftMethod:
     supports_mixed_batch: ClassVar[bool] = True
     # Names of classmethods ``fn(peft_model, *args)`` reachable as ``peft_model.fn(*args)``.
     model_api: ClassVar[tuple[str, ...]] = ()
+    # Prefix of checkpoint keys naming model paths. HF peft wraps the model in a tuner for most methods
+    # (``base_model.model.<path>``) but holds it directly for prompt learning (``base_model.<path>``).
+    checkpoint_prefix: ClassVar[str] = "base_model.model."
 
     @classmethod
     def name(cls) -> str:

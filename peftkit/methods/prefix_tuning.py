@@ -36,6 +36,7 @@ from torch import nn
 from peftkit.core.errors import PeftConfigError
 from peftkit.core.layer import AdapterModule
 from peftkit.core.registry import ForwardCall, PeftMethod, register
+from peftkit.integrations.transformers import forward_position_ids
 from peftkit.methods.prompt_learning import PromptLearningConfig, accepts_input, model_dims
 
 __all__ = ["PrefixTuningConfig", "PTuningV2Config", "PrefixEncoder", "attention_modules"]
@@ -139,6 +140,23 @@ class PrefixEncoder(AdapterModule):
         table = self.prefix_table()
         return table.view(self.num_virtual_tokens, self.slots * 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
 
+    def slot_states(self, slot: int) -> torch.Tensor:
+        """``(2, heads, n, head_dim)``: slot ``slot``'s keys and values, computed from the parameters alone.
+
+        Reentrant gradient checkpointing runs a nested backward per layer through whatever the layer used; each
+        layer computing its own slot (the projection's last layer restricted to the slot's rows) keeps those
+        graphs apart, where one shared MLP output would be freed by the first layer's backward.
+        """
+        width = 2 * self.num_heads * self.head_dim
+        rows = slice(slot * width, (slot + 1) * width)
+        if self.transform is None:
+            table = self.embedding.weight[:, rows]
+        else:
+            hidden = self.transform[1](self.transform[0](self.embedding.weight))
+            last = self.transform[2]
+            table = nn.functional.linear(hidden, last.weight[rows], last.bias[rows])
+        return table.view(self.num_virtual_tokens, 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.prefix_table()}
 
@@ -173,7 +191,7 @@ class PrefixEncoder(AdapterModule):
 
 @dataclass
 class _PrefixState:
-    kv: torch.Tensor  # (rows or 1, slots * 2, heads, n, head_dim)
+    slot: Callable[[int], torch.Tensor]  # slot index -> (rows or 1, 2, heads, n, head_dim)
     valid: torch.Tensor | None  # (rows, n) bool, None when every row sees the whole prefix
 
 
@@ -251,7 +269,8 @@ def prefix_attention(
     if state is None:
         return attend(module, query, key, value, attention_mask, *args, **kwargs)
     rows, q_len, kv_len = key.shape[0], query.shape[2], key.shape[2]
-    prefix_k, prefix_v = _rows(state.kv[:, 2 * slot.index], rows), _rows(state.kv[:, 2 * slot.index + 1], rows)
+    pair = _rows(state.slot(slot.index), rows)
+    prefix_k, prefix_v = pair[:, 0], pair[:, 1]
     if prefix_k.shape[1] != key.shape[1] or prefix_k.shape[3] != key.shape[3]:
         raise ValueError(
             f"The prefix has {prefix_k.shape[1]} heads of width {prefix_k.shape[3]} but {slot.name} computes keys "
@@ -314,6 +333,7 @@ def _past_length(kwargs: dict[str, Any]) -> int:
 class PrefixTuning(PeftMethod):
     mergeable = False
     supports_mixed_batch = True
+    checkpoint_prefix = "base_model."
 
     @classmethod
     def prepare_config(cls, model: nn.Module, config: Any) -> Any:
@@ -360,11 +380,16 @@ def _build_state(
 ) -> tuple[_PrefixState | None, torch.Tensor | None]:
     if not adapter_names:
         return None, None
-    states = {name: peft_model.adapter_modules[name].prefix_states() for name in adapter_names}
+    modules = [peft_model.adapter_modules[name] for name in adapter_names]
     rows = call.batch_adapter_names
     if rows is None:  # several active prefix adapters: their prefixes line up one after the other
-        kv = torch.cat(list(states.values()), dim=2).unsqueeze(0)
-        return _PrefixState(kv, None), torch.tensor([kv.shape[3]])
+        length = torch.tensor([sum(m.num_virtual_tokens for m in modules)])
+        if call.model.training and torch.is_grad_enabled():
+            return _PrefixState(lambda i: torch.cat([m.slot_states(i) for m in modules], dim=2).unsqueeze(0),
+                                None), length
+        states = torch.cat([m.prefix_states() for m in modules], dim=2)  # once per call, e.g. per generate
+        return _PrefixState(lambda i: states[2 * i:2 * i + 2].unsqueeze(0), None), length
+    states = {name: module.prefix_states() for name, module in zip(adapter_names, modules)}
     width = max(s.shape[2] for s in states.values())
     template = next(iter(states.values()))
     kv = template.new_zeros(len(rows), template.shape[0], template.shape[1], width, template.shape[3])
@@ -376,31 +401,31 @@ def _build_state(
             kv[row, :, :, width - n:] = states[name]
             valid[row, width - n:] = True
             lengths[row] = n
-    return _PrefixState(kv, valid), lengths
+    return _PrefixState(lambda i: kv[:, 2 * i:2 * i + 2], valid), lengths
 
 
 def _shift_positions(call: ForwardCall, offsets: torch.Tensor) -> None:
-    """Number the real tokens from n, as if the prefix were n earlier tokens (see the module docstring)."""
+    """Number the real tokens as if the prefix were n earlier tokens (see the module docstring)."""
     kwargs, model = call.kwargs, call.model
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) or kwargs.get("position_ids") is not None:
         return
     if not accepts_input(model, "position_ids"):
         return
-    inputs = kwargs.get("input_ids")
-    inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
+    ids = kwargs.get("input_ids")
+    inputs = ids if ids is not None else kwargs.get("inputs_embeds")
     if inputs is None:
         return
-    rows, length = inputs.shape[:2]
+    length = inputs.shape[1]
     mask = kwargs.get("attention_mask")
     offsets = offsets.to(inputs.device).view(-1, 1)
-    if mask is not None and mask.dim() == 2:
-        # Padding-aware, as generate numbers them (and OPT in forward): a row's first real token gets n.
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
+    if call.generating and mask is not None and mask.dim() == 2:
+        positions, counted = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0), None  # generate's numbering
     else:
-        past = _past_length(kwargs)
-        positions = torch.arange(past, past + length, device=inputs.device).unsqueeze(0).expand(rows, -1)
-    kwargs["position_ids"] = positions + offsets
+        mask = mask if mask is not None and mask.dim() == 2 else None
+        positions, counted = forward_position_ids(model, ids, mask, length, _past_length(kwargs))
+    shift = offsets if counted is None else offsets * counted
+    kwargs["position_ids"] = positions + shift
 
 
 @register(PTuningV2Config)

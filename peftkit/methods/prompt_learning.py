@@ -148,7 +148,7 @@ class VirtualTokenModule(AdapterModule):
     def attach(self, model: nn.Module) -> None:
         router = model.__dict__.get(_ROUTER_ATTR)
         if router is None:
-            router = _VirtualTokenRouter(input_embedding(model))
+            router = _VirtualTokenRouter(model)
             model.__dict__[_ROUTER_ATTR] = router
         router.users += 1
 
@@ -162,17 +162,23 @@ class VirtualTokenModule(AdapterModule):
 
 
 class _VirtualTokenRouter:
-    """Hooks on the input embedding: ids ``>= vocab_size`` are looked up in the table the current call set."""
+    """Hooks on the input embedding: ids ``>= vocab_size`` are looked up in the table the current call set.
 
-    def __init__(self, embedding: nn.Embedding) -> None:
+    Every embedding module holding the input embedding's weight is hooked: encoder-decoder models (T5) give the
+    encoder and the decoder their own module around the shared matrix.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        embedding = input_embedding(model)
         self.vocab_size = embedding.num_embeddings
         self.users = 0
         self.table: torch.Tensor | None = None  # (rows or 1, tokens, dim) for the current call
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._handles = [
-            embedding.register_forward_pre_hook(self._before),
-            embedding.register_forward_hook(self._after),
-        ]
+        sharing = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is embedding.weight]
+        self._handles = []
+        for module in dict.fromkeys([embedding, *sharing]):
+            self._handles.append(module.register_forward_pre_hook(self._before))
+            self._handles.append(module.register_forward_hook(self._after))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -237,6 +243,7 @@ class VirtualTokenMethod(PeftMethod):
 
     mergeable = False
     supports_mixed_batch = True
+    checkpoint_prefix = "base_model."
     model_api = ("virtual_token_ids", "ensemble_predict")
 
     @classmethod
@@ -290,12 +297,12 @@ class VirtualTokenMethod(PeftMethod):
                 "set_adapter one of them, or give each row its adapter with adapter_names=[...]."
             )
         modules = {name: peft_model.adapter_modules[name] for name in adapter_names}
-        if not modules:
-            router.table = None
+        try:
+            if modules:
+                _PromptCall(router, modules, call).prepare()
             yield
-            return
-        _PromptCall(router, modules, call).prepare()
-        yield
+        finally:
+            router.table = None  # the base model called directly afterwards must not see this call's prompt
 
 
 class _PromptCall:
@@ -306,9 +313,7 @@ class _PromptCall:
         self.modules = modules
         self.call = call
         self.kwargs = call.kwargs
-        first = next(iter(modules.values()))
-        self.prompts = first.num_prompts
-        self.n = first.num_virtual_tokens
+        self.prompts = next(iter(modules.values())).num_prompts
 
     def row_names(self, rows: int) -> list[str | None]:
         names = self.call.batch_adapter_names
@@ -360,7 +365,7 @@ class _PromptCall:
     def _row_virtual_ids(self, names: list[str | None], submodule: int, device: torch.device) -> torch.Tensor:
         """(rows, width) virtual ids per row, -1 where a row has none (left of its ids, like left padding)."""
         vocab = self.router.vocab_size
-        lengths = [self.n if name is not None else 0 for name in names]
+        lengths = [self.modules[name].num_virtual_tokens if name is not None else 0 for name in names]
         width = max(lengths)
         ids = torch.full((len(names), width), -1, dtype=torch.long, device=device)
         for row, (name, length) in enumerate(zip(names, lengths)):
@@ -368,7 +373,7 @@ class _PromptCall:
                 continue
             prompt = row % self.prompts if self.prompts > 1 else 0
             module = self.modules[name]
-            first = (prompt * module.num_submodules + submodule) * self.n
+            first = (prompt * module.num_submodules + submodule) * length
             ids[row, width - length:] = torch.arange(vocab + first, vocab + first + length, device=device)
         return ids
 
@@ -405,13 +410,30 @@ class _PromptCall:
                                   positions + block.shape[1], positions)
             own = first + torch.arange(block.shape[1], device=ids.device)
             kwargs["position_ids"] = _insert_block(shifted, starts, own)
-        elif not bool(present.all()) and accepts_input(self.call.model, "position_ids"):
-            # Rows with shorter prompts are padded inside the block: number positions past the padding so every
-            # row equals its own unpadded run.
-            attended = kwargs["attention_mask"]
-            kwargs["position_ids"] = (attended.long().cumsum(-1) - 1).clamp(min=0)
-        inserted = _insert_block(torch.zeros_like(ids, dtype=torch.bool), starts, torch.ones_like(present))
+        untouched = torch.zeros_like(ids, dtype=torch.bool)
+        inserted = _insert_block(untouched, starts, torch.ones_like(present))
+        if not bool(present.all()):
+            inserted = self._place_fill(_insert_block(untouched, starts, ~present), inserted)
         self._strip_outputs(inserted)
+
+    def _place_fill(self, fill: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
+        """Place the masked fill of rows with shorter prompts (mixed batches) so each row equals its single run.
+
+        A forward moves the fill to the end of the row, where right padding does nothing to the real tokens (and a
+        first-token pooler still sees the row's first token). ``generate`` appends after the last token, so there
+        the fill stays in front of the prompt and positions are numbered past it.
+        """
+        kwargs = self.kwargs
+        if self.call.generating:
+            if kwargs.get("position_ids") is None and accepts_input(self.call.model, "position_ids"):
+                kwargs["position_ids"] = (kwargs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+            return inserted
+        order = torch.argsort(fill.int(), dim=1, stable=True)
+        for key in ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids"):
+            value = kwargs.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == fill.shape:
+                kwargs[key] = torch.gather(value, 1, order)
+        return torch.gather(inserted, 1, order)
 
     def _insert_decoder_ids(self, names: list[str | None]) -> None:
         kwargs = self.kwargs
@@ -439,6 +461,8 @@ class _PromptCall:
         if labels is not None:
             kwargs["labels"] = _insert_block(labels, starts, torch.full_like(block, -100))
         if self.call.generating:
+            # generate puts decoder_start_token_id in front of decoder ids that do not begin with it.
+            kwargs["decoder_start_token_id"] = int(block[0, 0])
             width = block.shape[1]
             self.call.output_hooks.append(lambda out: _drop_leading(out, width))
 
@@ -448,9 +472,12 @@ class _PromptCall:
         if any(name is None for name in names):
             raise ValueError("inputs_embeds with prompt adapters cannot mix rows that have no prompt.")
         prompts = []
+        if len({self.modules[name].num_virtual_tokens for name in names}) > 1:
+            raise ValueError("inputs_embeds in a mixed batch needs prompt adapters of one length; pass input_ids.")
         for row, name in enumerate(names):
             prompt = row % self.prompts if self.prompts > 1 else 0
-            prompts.append(tables[name][prompt * self.modules[name].num_submodules * self.n:][: self.n])
+            n = self.modules[name].num_virtual_tokens
+            prompts.append(tables[name][prompt * self.modules[name].num_submodules * n:][:n])
         block = torch.stack(prompts).to(embeds.dtype)
         starts = torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device)
         kwargs["inputs_embeds"] = _insert_block(embeds, starts, block)
