@@ -18,6 +18,10 @@ from peftkit import (
     LoraConfig,
     ParallelAdapterConfig,
     PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PTuningV2Config,
 )
 
 
@@ -30,6 +34,10 @@ class MethodCase:
     mergeable: bool = True
     mixed_batch: bool = True
     lr: float = 1e-2
+    # The loss after 20 steps must fall below this fraction of the first one.
+    loss_ratio: float = 0.97
+    # Train on one constant next token instead of random ones (methods that only steer the input).
+    constant_labels: bool = False
 
 
 def _lora(**kw) -> tuple[Callable[[], PeftConfig], Callable[[], PeftConfig]]:
@@ -69,6 +77,28 @@ def _adapter_case(case_id: str, model: str, parallel: bool = False, mixed_batch:
     cls = ParallelAdapterConfig if parallel else AdapterConfig
     return MethodCase(case_id, model, lambda: cls(init_weights=False, **kw), lambda: cls(**kw), mergeable=False,
                       mixed_batch=mixed_batch, lr=3e-2)
+
+
+_PROMPT_TASKS = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "opt": "CAUSAL_LM", "bert": "SEQ_CLS",
+                 "roberta": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
+
+
+def _prompt_case(case_id: str, model: str, cls: type[PeftConfig], lr: float = 3e-2, mixed_batch: bool = True,
+                 loss_ratio: float = 0.97, constant_labels: bool = False, **kw) -> MethodCase:
+    # Prompt methods add virtual tokens or key/value prefixes: a fresh prompt changes the outputs at once and none
+    # leaves them unchanged (zero prefixes still take attention weight), nothing merges. A few hundred prompt
+    # entries need a larger rate than LoRA to move a random tiny model's loss, and the tiny LMs' small tied output
+    # embedding (std 0.02) a larger one still.
+    return MethodCase(case_id, model, lambda: cls(num_virtual_tokens=4, task_type=_PROMPT_TASKS[model], **kw),
+                      mergeable=False, mixed_batch=mixed_batch, lr=lr, loss_ratio=loss_ratio,
+                      constant_labels=constant_labels)
+
+
+def _input_prompt_case(case_id: str, model: str, cls: type[PeftConfig], **kw) -> MethodCase:
+    # Four input vectors cannot teach a frozen random LM random next tokens (the loss stays near 0.99 of the start
+    # whatever the rate); a constant next token they can. The 2-layer, 32-wide GPT-2/OPT move least (~0.97).
+    ratio = 0.985 if model in ("gpt2", "opt") else 0.97
+    return _prompt_case(case_id, model, cls, loss_ratio=ratio, constant_labels=True, **kw)
 
 
 METHOD_CASES: list[MethodCase] = [
@@ -116,4 +146,20 @@ METHOD_CASES: list[MethodCase] = [
     _adapter_case("parallel-adapter-llama-ffn", "llama", parallel=True, r=8),
     _adapter_case("parallel-adapter-t5-ffn", "t5", parallel=True, r=8),
     _adapter_case("parallel-adapter-opt-attn", "opt", parallel=True, r=8, target="attn"),
+    _adapter_case("parallel-adapter-opt-ffn-span", "opt", parallel=True, r=8),
+    _prompt_case("prefix-tuning-gpt2", "gpt2", PrefixTuningConfig, lr=0.3),
+    _prompt_case("prefix-tuning-llama-gqa", "llama", PrefixTuningConfig, lr=0.3),
+    _prompt_case("prefix-tuning-bert-seqcls-projection", "bert", PrefixTuningConfig, prefix_projection=True,
+                 encoder_hidden_size=16),
+    _prompt_case("prefix-tuning-t5", "t5", PrefixTuningConfig),
+    _prompt_case("p-tuning-v2-bert-seqcls", "bert", PTuningV2Config),
+    _prompt_case("p-tuning-v2-roberta-seqcls", "roberta", PTuningV2Config),
+    _input_prompt_case("prompt-tuning-gpt2", "gpt2", PromptTuningConfig, lr=0.3),
+    _prompt_case("prompt-tuning-bert-seqcls", "bert", PromptTuningConfig),
+    # A decoder prompt (SEQ_2_SEQ_LM's second submodule) cannot share a batch with rows that have none.
+    _input_prompt_case("prompt-tuning-t5", "t5", PromptTuningConfig, lr=0.3, mixed_batch=False),
+    _input_prompt_case("prompt-tuning-opt", "opt", PromptTuningConfig, lr=0.3),
+    _input_prompt_case("prompt-encoder-gpt2-mlp", "gpt2", PromptEncoderConfig, lr=0.1, encoder_hidden_size=16),
+    _input_prompt_case("prompt-encoder-llama-lstm", "llama", PromptEncoderConfig, lr=0.1,
+                       encoder_reparameterization_type="LSTM", encoder_hidden_size=16),
 ]

@@ -4,13 +4,14 @@ Houlsby et al. 2019 (https://arxiv.org/abs/1902.00751), Pfeiffer et al. 2021 (ht
 He et al. 2022 (https://arxiv.org/abs/2110.04366), AdapterDrop: Rücklé et al. 2021 (https://arxiv.org/abs/2010.11918).
 Reference behaviour: AdapterHub ``adapters`` (``DoubleSeqBnConfig``, ``SeqBnConfig``, ``ParBnConfig``).
 
-Every adapter is the bottleneck ``A(u) = s · W_up f(W_down u + b_down) + b_up``. It attaches by wrapping a named module
-of the model, never by copying model code; what it computes depends on the kind of module it wraps::
+Every adapter is the bottleneck ``A(u) = s · (W_up f(W_down u + b_down) + b_up)``. It attaches by wrapping a named
+module of the model, never by copying model code; what it computes depends on the kind of module it wraps::
 
     serial, any module      y = M(...)            →  y + A(y)             Houlsby: M = attention/FFN output projection
     serial, a norm module   z = x + h (its input) →  LN(z + A(LN(z)))     Pfeiffer on post-LN models: M = that LN
     parallel, sub-layer     y = M(z)              →  y + s·A(z)           M = the FFN / attention module
     parallel, BERT output   M(h, input_tensor=x)  →  M(h, x + s·A(x)) = LN(x + h + s·A(x))
+    parallel, span a → b    block B with a, b     →  b's output + s·A(a's input)   OPT's FFN: a = fc1, b = fc2
 
 On pre-LN models (GPT-2, Llama, T5, OPT) Pfeiffer wraps the residual block whose output is ``x + h``, giving
 ``x + h + A(x + h)`` (AdapterHub passes no layer norm there either). Several active adapters add up. This module
@@ -49,7 +50,7 @@ _LAYER_LISTS = ("layers", "layer", "h", "block", "blocks")  # as peftkit.core.ta
 
 @dataclass(kw_only=True)
 class AdapterConfig(BottleneckConfigBase):
-    """A serial bottleneck adapter: ``A(u) = s · W_up f(W_down u + b_down) + b_up`` inserted after a sub-layer.
+    """A serial bottleneck adapter: ``A(u) = s · (W_up f(W_down u + b_down) + b_up)`` inserted after a sub-layer.
 
     Houlsby: after the attention output projection and after the FFN output, ``out = LN(x + h + A(h))``.
     Pfeiffer: after the FFN only, ``out = LN(x + h + A(LN(x + h)))``; on pre-LN models ``x + h + A(x + h)``.
@@ -217,7 +218,9 @@ class BottleneckMethod(BottleneckMethodBase):
                 continue
             if any(module_name.startswith(h + ".") for h in heads):
                 continue
-            names += [f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+            # Logical names (no base_layer hops): the checkpoint keys must not depend on whether another adapter
+            # wraps the norm (Pfeiffer) or its block; they resolve through the wrapper's weight/bias/__getattr__.
+            names += [f"{logical}.{p}" for p, _ in module.named_parameters(recurse=False)]
         return sorted(names)
 
     @classmethod

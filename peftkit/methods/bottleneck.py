@@ -29,7 +29,7 @@ from peftkit.integrations.transformers import model_type
 
 __all__ = [
     "PLACEMENTS", "BottleneckConfigBase", "BottleneckLayer", "BottleneckMethodBase", "add_to_output",
-    "bottleneck_layers", "first_input", "is_norm_module", "linear_sizes", "set_skip_layers",
+    "bottleneck_layers", "first_input", "is_norm_module", "linear_sizes", "placement_key", "set_skip_layers",
 ]
 
 
@@ -40,22 +40,37 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 _INITS = (True, False, "bert", "houlsby")
 
 # Where each placement attaches, per model_type: target_modules values (dotted suffixes, or a full-match regex).
-# "houlsby"/"pfeiffer" are the serial variants, "ffn"/"attn" the parallel adapter's sub-layers.
+# "houlsby"/"pfeiffer" are the serial variants, "ffn"/"attn" the parallel adapter's sub-layers. "<placement>_span" is
+# the parallel adapter's ``span`` for a sub-layer that is no module of its own (see ParallelAdapterConfig).
 _POST_LN = {"houlsby": ["attention.output.dense", "output.dense"], "pfeiffer": r".*\.layer\.\d+\.output\.LayerNorm",
             "ffn": r".*\.layer\.\d+\.output", "attn": ["attention.output"]}
 _LLAMA = {"houlsby": ["self_attn.o_proj", "mlp.down_proj"], "pfeiffer": r".*\.layers\.\d+", "ffn": ["mlp"],
           "attn": ["self_attn"]}
+# OPT's FFN is no module of its own (fc1, fc2 sit in the decoder layer): the parallel adapter wraps the decoder layer
+# and spans fc1 → fc2, reading fc1's input (the FFN's input) and adding to fc2's output.
+_OPT = {"houlsby": ["self_attn.out_proj", "fc2"], "pfeiffer": r".*\.layers\.\d+", "ffn": r".*\.layers\.\d+",
+        "ffn_span": ["fc1", "fc2"], "attn": ["self_attn"]}
 PLACEMENTS: dict[str, dict[str, list[str] | str]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _POST_LN),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma"), _LLAMA),
     "gpt2": {"houlsby": ["attn.c_proj", "mlp.c_proj"], "pfeiffer": r".*\.h\.\d+", "ffn": ["mlp"], "attn": ["attn"]},
-    # OPT's FFN is no module of its own (fc1/fc2 sit in the decoder layer), so it has no parallel "ffn" placement.
-    "opt": {"houlsby": ["self_attn.out_proj", "fc2"], "pfeiffer": r".*\.layers\.\d+", "attn": ["self_attn"]},
+    "opt": _OPT,
+    # OPT-350m is post-LN (do_layer_norm_before=False): Pfeiffer wraps the FFN's post-residual norm, as on BERT.
+    "opt-post-ln": {**_OPT, "pfeiffer": r".*\.layers\.\d+\.final_layer_norm"},
     **dict.fromkeys(("t5", "mt5"), {
         "houlsby": ["SelfAttention.o", "DenseReluDense.wo"],
         "pfeiffer": r"(.*\.)?(encoder\.block\.\d+\.layer\.1|decoder\.block\.\d+\.layer\.2)",
         "ffn": ["DenseReluDense"], "attn": ["SelfAttention"]}),
 }
+
+
+def placement_key(model: nn.Module) -> str:
+    """The :data:`PLACEMENTS` key of ``model``: its ``model_type``, with a suffix where one architecture comes in a
+    pre-LN and a post-LN flavour (the serial adapter's placement differs)."""
+    arch = model_type(model) or ""
+    if arch == "opt" and not getattr(model.config, "do_layer_norm_before", True):
+        return "opt-post-ln"
+    return arch
 
 
 @dataclass(kw_only=True)
@@ -129,7 +144,7 @@ def add_to_output(out: Any, delta: torch.Tensor) -> Any:
 
 # ---- layers --------------------------------------------------------------------------------------------------------
 class BottleneckLayer(AdapterLayer):
-    """Per-adapter bottlenecks ``A(u) = s · W_up f(W_down u + b_down) + b_up`` and AdapterDrop state.
+    """Per-adapter bottlenecks ``A(u) = s · (W_up f(W_down u + b_down) + b_up)`` and AdapterDrop state.
 
     Shapes: ``u (..., in_features)`` → ``A(u) (..., out_features)``; ``W_down (m, in)``, ``W_up (out, m)``.
     Subclasses decide where ``A`` reads and writes. ``skipped`` (inference AdapterDrop) makes the layer the base
@@ -253,13 +268,7 @@ class BottleneckMethodBase(PeftMethod):
         assert isinstance(config, BottleneckConfigBase)
         if config.target_modules is not None:
             return config
-        arch = model_type(model) or ""
-        targets = PLACEMENTS.get(arch, {}).get(config.placement())
-        if targets is None and arch in PLACEMENTS:
-            raise PeftConfigError(
-                f"{type(config).__name__}: {arch} has no module for the {config.placement()!r} placement (its FFN is "
-                "not one module); pick another placement or pass target_modules."
-            )
+        targets = PLACEMENTS.get(placement_key(model), {}).get(config.placement())
         return dataclasses.replace(config, target_modules=targets) if targets is not None else config
 
     @classmethod

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.config import ANY_VALUE, TunerConfig
-from peftkit.core.errors import PeftConfigError, TargetModuleError
+from peftkit.core.errors import NotMergeableError, PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, base_layer_of
 from peftkit.core.registry import PeftMethod, register
 from peftkit.integrations.transformers import model_type
@@ -117,8 +117,9 @@ class LoraLayer(AdapterLayer):
     adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling")
     method_name = "LoRA"
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer)
+        self.module_name = module_name  # for error messages
         for attr in self.adapter_param_names:
             setattr(self, attr, nn.ModuleDict() if attr in ("lora_A", "lora_B") else nn.ParameterDict())
         self.lora_dropout = nn.ModuleDict()
@@ -180,6 +181,37 @@ class LoraLayer(AdapterLayer):
                 result = result.index_add(0, rows, self._adapter_delta(name, x[rows]).to(result.dtype))
         return result
 
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        self._check_merge_path(adapter_names)
+        super().check_merge(adapter_names)
+
+    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+        self._check_merge_path(adapter_names)
+        super().merge(adapter_names, safe)
+
+    def _check_merge_path(self, adapter_names: list[str] | None) -> None:
+        """Refuse to merge through a non-mergeable adapter layer between this layer and the weight.
+
+        A method added after another on the same module wraps it: LoRA over a bottleneck adapter computes
+        ``(h + A(h)) + B A x``. Merged, ``B A`` would sit inside ``h`` and pass through the adapter, giving
+        ``h' + A(h')`` with ``h' = (W0 + B A) x``: a different function, so raise before anything is written.
+        """
+        names = self._to_merge(adapter_names)
+        inner = self.base_layer
+        while names and isinstance(inner, AdapterLayer):
+            # AdapterLayer's own delta_weight raises: the layer has no weight delta, it computes a function of the
+            # activations (bottleneck adapters). Such a layer holding adapters is in the way of the merge.
+            if inner.adapter_names and type(inner).delta_weight is AdapterLayer.delta_weight:
+                kind = inner.method_name or type(inner).__name__
+                raise NotMergeableError(
+                    f"Cannot merge LoRA adapter(s) {names} into {self.module_name or type(self).__name__}: LoRA was "
+                    f"added after a {kind} ({type(inner).__name__}, adapter(s) {inner.adapter_names}) on the same "
+                    f"module, which sits between LoRA and the weight and cannot be merged; this module's weight is "
+                    f"unchanged. Keep LoRA unmerged, remove the {kind} first (delete_adapter / unload), or add LoRA "
+                    "before it."
+                )
+            inner = inner.base_layer
+
     def _delta_dtype(self) -> torch.dtype:
         # CPU half-precision matmul is slow and loses precision; compute the delta in fp32 and cast once.
         weight = self.get_base_layer().weight
@@ -199,7 +231,7 @@ class LoraLinear(LoraLayer):
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-        super().__init__(base_layer)
+        super().__init__(base_layer, module_name)
         base = base_layer_of(base_layer)
         self.fan_in_fan_out = not isinstance(base, nn.Linear)
         self.in_features, self.out_features = (
@@ -211,10 +243,11 @@ class LoraLinear(LoraLayer):
         return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=False)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        dtype, weight = self._delta_dtype(), self.get_base_layer().weight
+        dtype = self._delta_dtype()
         a, b = self.lora_A[adapter_name].weight.to(dtype), self.lora_B[adapter_name].weight.to(dtype)
         delta = (b @ a) * self.scaling[adapter_name]  # (out, in)
-        return (delta.T if self.fan_in_fan_out else delta).to(weight.dtype)
+        # Left in fp32 for a half-precision weight: AdapterLayer.merge adds it in fp32 and rounds once.
+        return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -263,7 +296,7 @@ class LoraEmbedding(LoraLayer):
     adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-        super().__init__(base_layer)
+        super().__init__(base_layer, module_name)
         self.update_layer(adapter_name, config, module_name)
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
@@ -287,9 +320,9 @@ class LoraEmbedding(LoraLayer):
         return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        dtype, weight = self._delta_dtype(), self.get_base_layer().weight
+        dtype = self._delta_dtype()
         a, b = self.lora_embedding_A[adapter_name].to(dtype), self.lora_embedding_B[adapter_name].to(dtype)
-        return ((b @ a).T * self.scaling[adapter_name]).to(weight.dtype)
+        return (b @ a).T * self.scaling[adapter_name]  # fp32 for a half-precision weight, as in LoraLinear
 
 
 class LoraConv(LoraLayer):
@@ -299,7 +332,7 @@ class LoraConv(LoraLayer):
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-        super().__init__(base_layer)
+        super().__init__(base_layer, module_name)
         base = base_layer_of(base_layer)
         if base.groups != 1:
             raise TargetModuleError(
@@ -316,8 +349,7 @@ class LoraConv(LoraLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         dtype, weight = self._delta_dtype(), self.get_base_layer().weight
         a, b = self.lora_A[adapter_name].weight.to(dtype), self.lora_B[adapter_name].weight.to(dtype)
-        delta = (b.flatten(1) @ a.flatten(1)).reshape(weight.shape) * self.scaling[adapter_name]
-        return delta.to(weight.dtype)
+        return (b.flatten(1) @ a.flatten(1)).reshape(weight.shape) * self.scaling[adapter_name]  # fp32 if half
 
 
 @register(LoraConfig)

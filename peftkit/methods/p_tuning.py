@@ -87,7 +87,9 @@ class PromptEncoder(VirtualTokenModule):
         return self.mlp_head(table)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.prompt_table()}
+        # Evaluated as inference evaluates it: the CPU LSTM rounds differently with autograd on (~1e-7).
+        with torch.no_grad():
+            return {"prompt_embeddings": self.prompt_table()}
 
     def materialize(self) -> None:
         if self.mlp_head is None:

@@ -158,7 +158,8 @@ class PrefixEncoder(AdapterModule):
         return table.view(self.num_virtual_tokens, 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.prefix_table()}
+        with torch.no_grad():
+            return {"prompt_embeddings": self.prefix_table()}
 
     def materialize(self) -> None:
         if self.transform is None:
@@ -424,6 +425,12 @@ def _shift_positions(call: ForwardCall, offsets: torch.Tensor) -> None:
     else:
         mask = mask if mask is not None and mask.dim() == 2 else None
         positions, counted = forward_position_ids(model, ids, mask, length, _past_length(kwargs))
+        if counted is None and mask is not None:
+            # The model counts up whatever the padding; rows with a prefix count real tokens instead, as generate
+            # does, so training and generation agree and a left-padded row equals its unpadded run (the prefix keys
+            # carry no rotary position, so absolute query positions matter).
+            aware = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
+            positions = torch.where(offsets > 0, aware, positions)
     shift = offsets if counted is None else offsets * counted
     kwargs["position_ids"] = positions + shift
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import make_inputs, make_model, model_logits
 from safetensors.torch import load_file
 from torch import nn
+from transformers import OPTForCausalLM
 
 from peftkit import (
     AdapterConfig,
@@ -24,11 +25,12 @@ from peftkit import (
     PeftModel,
     get_peft_model,
 )
-from peftkit.core.layer import BASE_ADAPTER_NAME
+from peftkit.core.errors import TargetModuleError
+from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
 from peftkit.core.targets import get_module
 from peftkit.methods.adapters import SerialAdapterLayer
 from peftkit.methods.bottleneck import BottleneckLayer
-from peftkit.methods.parallel_adapter import ParallelAdapterLayer
+from peftkit.methods.parallel_adapter import ParallelAdapterLayer, ParallelAdapterTap
 
 ACT = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu}
 
@@ -58,6 +60,12 @@ def _reference_hooks(reference: nn.Module, peft: PeftModel, act: str, name: str 
                 y = y + _A(layer, name, y, act)
                 return (y, *out[1:]) if isinstance(out, tuple) else y
             target.register_forward_hook(out_hook)
+        elif layer.span:  # a sub-layer inside the block: s·A(z) on the write end's output, z = the read end's input
+            seen = {}
+            read, write = (get_module(target, n) for n in layer.span)
+            read.register_forward_pre_hook(lambda mod, args, seen=seen: seen.update(z=args[0]))
+            write.register_forward_hook(lambda mod, inp, out, seen=seen, layer=layer:
+                                        out + _A(layer, name, seen["z"], act))
         elif layer.residual_arg:  # BERT output block: LN(x + h + s·A(x)), x = input_tensor
             seen = {}
             target.register_forward_pre_hook(lambda mod, args, seen=seen: seen.update(x=args[1]))
@@ -83,6 +91,10 @@ FORMULA_CASES = [
     ("gpt2", ParallelAdapterConfig(r=4, target="attn", init_weights=False)),
     ("llama", AdapterConfig(variant="pfeiffer", r=4, init_weights=False)),
     ("llama", ParallelAdapterConfig(r=4, init_weights=False)),
+    ("opt", AdapterConfig(variant="houlsby", r=4, init_weights=False)),
+    ("opt", AdapterConfig(variant="pfeiffer", r=4, init_weights=False)),
+    ("opt", ParallelAdapterConfig(r=4, init_weights=False)),  # the FFN span fc1 → fc2 inside each decoder layer
+    ("opt", ParallelAdapterConfig(r=4, target="attn", init_weights=False)),
 ]
 
 
@@ -126,6 +138,49 @@ def test_bert_sublayer_formulas_written_out() -> None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def _opt(post_ln: bool) -> nn.Module:
+    """The tiny OPT, or its post-LN flavour (OPT-350m's ``do_layer_norm_before=False``)."""
+    model = make_model("opt")
+    if not post_ln:
+        return model
+    config = copy.deepcopy(model.config)
+    config.do_layer_norm_before = False
+    torch.manual_seed(0)
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("post_ln", [False, True], ids=["pre-ln", "post-ln"])
+def test_opt_decoder_layer_formulas_written_out(post_ln: bool) -> None:
+    # One OPT decoder layer, the default placements, each formula spelled out with functional ops. x: the layer
+    # input; x1: the FFN's residual input (after attention); z: what the FFN receives; h: the FFN's output.
+    x = torch.randn(2, 5, 32)
+    for config, formula in [
+        (ParallelAdapterConfig(r=4, init_weights=False),
+         lambda A, x1, z, h, LN: LN(x1 + h + A(z)) if post_ln else x1 + h + A(z)),
+        (AdapterConfig(r=4, init_weights=False),
+         lambda A, x1, z, h, LN: LN(x1 + h + A(LN(x1 + h))) if post_ln else x1 + h + A(x1 + h)),
+    ]:
+        model = get_peft_model(_opt(post_ln), config).eval()
+        layer = next(iter(_layers(model).values()))
+        block = _opt(post_ln).model.decoder.layers[0]  # the same seed: the same weights, without the adapter
+        ln1, ln2 = block.self_attn_layer_norm, block.final_layer_norm
+
+        def LN(t: torch.Tensor, ln: nn.LayerNorm = ln2) -> torch.Tensor:
+            return F.layer_norm(t, (32,), ln.weight, ln.bias, ln.eps)
+
+        def A(u: torch.Tensor, layer: BottleneckLayer = layer, act: str = config.non_linearity) -> torch.Tensor:
+            return _A(layer, "default", u, act)
+
+        with torch.no_grad():
+            attn = block.self_attn(hidden_states=x if post_ln else LN(x, ln1))[0]
+            x1 = LN(x + attn, ln1) if post_ln else x + attn
+            z = x1 if post_ln else LN(x1)
+            h = F.relu(z @ block.fc1.weight.T + block.fc1.bias) @ block.fc2.weight.T + block.fc2.bias
+            got = model.base_model.model.model.decoder.layers[0](x)
+            got = got[0] if isinstance(got, tuple) else got
+        torch.testing.assert_close(got, formula(A, x1, z, h, LN), atol=1e-5, rtol=1e-4)
+
+
 # ---- configuration, placement, init ------------------------------------------------------------------------------
 @pytest.mark.parametrize(("kind", "config", "leaves", "count"), [
     ("bert", AdapterConfig(variant="houlsby"), {"attention.output.dense", "0.output.dense", "1.output.dense"}, 4),
@@ -135,13 +190,23 @@ def test_bert_sublayer_formulas_written_out() -> None:
     ("t5", AdapterConfig(), {"layer.1", "layer.2"}, 4),  # the FF sub-layer: encoder layer.1, decoder layer.2
     ("llama", ParallelAdapterConfig(), {"0.mlp", "1.mlp"}, 2),
     ("opt", ParallelAdapterConfig(target="attn"), {"0.self_attn", "1.self_attn"}, 2),
+    ("opt", AdapterConfig(variant="houlsby"), {"self_attn.out_proj", "fc2"}, 4),
+    ("opt", AdapterConfig(), {"layers.0", "layers.1"}, 2),  # pre-LN: the decoder layers
+    ("opt", ParallelAdapterConfig(), {"layers.0", "layers.1"}, 2),  # the decoder layers, spanning fc1 → fc2
+    ("opt-post-ln", AdapterConfig(), {"0.final_layer_norm", "1.final_layer_norm"}, 2),  # the FFN's post-residual LN
 ])
 def test_default_placements_per_architecture(kind: str, config: PeftConfig, leaves: set[str], count: int) -> None:
-    names = list(_layers(get_peft_model(make_model(kind), config)))
+    base = _opt(post_ln=True) if kind == "opt-post-ln" else make_model(kind)
+    model = get_peft_model(base, config)
+    names = list(_layers(model))
     assert len(names) == count
     assert all(any(n.endswith("." + leaf) for leaf in leaves) for n in names), names
     if kind == "t5":
         assert all(("encoder" in n) == n.endswith("layer.1") for n in names)
+    if kind == "opt" and isinstance(config, ParallelAdapterConfig) and config.target == "ffn":
+        assert model.peft_config["default"].span == ["fc1", "fc2"]
+        taps = {n.replace(".base_layer", "") for n, m in model.named_modules() if isinstance(m, ParallelAdapterTap)}
+        assert taps == {f"base_model.model.model.decoder.layers.{i}.{end}" for i in (0, 1) for end in ("fc1", "fc2")}
 
 
 def test_bottleneck_width_from_reduction_factor_or_r() -> None:
@@ -184,8 +249,6 @@ def test_config_json_round_trip_resolves_variant_defaults() -> None:
 
 
 def test_architecture_without_placement_gives_clear_errors() -> None:
-    with pytest.raises(PeftConfigError, match="FFN is not one module"):
-        get_peft_model(make_model("opt"), ParallelAdapterConfig())
     with pytest.raises(PeftConfigError, match="pass target_modules"):
         get_peft_model(nn.Sequential(nn.Linear(4, 4)), AdapterConfig())
 
@@ -256,6 +319,47 @@ def test_mixed_batch_refuses_shared_layer_norms() -> None:
         model_logits(model, make_inputs("bert", batch=2), adapter_names=["default", BASE_ADAPTER_NAME])
 
 
+def test_two_houlsby_adapters_share_norms_refuse_mixed_batches_and_unload_restores_them() -> None:
+    base = make_model("bert")
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    norms = [k for k in original if ".encoder." in k and "LayerNorm" in k]
+    model = get_peft_model(base, AdapterConfig(variant="houlsby", r=4), adapter_name="a")
+    model.add_adapter("b", AdapterConfig(variant="houlsby", r=4))
+    model.train()
+    for name in ("a", "b"):  # each adapter in turn trains the same, shared norms
+        model.set_adapter(name)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        model(**make_inputs("bert")).loss.backward()
+        opt.step()
+        model.zero_grad()
+    assert all(not torch.equal(base.get_parameter(k), original[k]) for k in norms)
+    model.eval()
+    with pytest.raises(NotImplementedError, match=r"\['a', 'b'\] train the model's shared layer norms"):
+        model_logits(model, make_inputs("bert", batch=2), adapter_names=["a", "b"])
+    restored = model.unload().state_dict()
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_houlsby_norm_keys_do_not_depend_on_an_adapter_wrapping_the_norms(kind: str, tmp_path) -> None:
+    # Pfeiffer, added first, wraps BERT's FFN LayerNorm and GPT-2's blocks: the norms Houlsby trains sit inside it.
+    model = get_peft_model(make_model(kind), AdapterConfig(r=4, init_weights=False), adapter_name="pf")
+    model.add_adapter("default", AdapterConfig(variant="houlsby", r=4, init_weights=False))
+    alone = get_peft_model(make_model(kind), AdapterConfig(variant="houlsby", r=4))
+    assert set(model.get_adapter_state_dict("default")) == set(alone.get_adapter_state_dict("default"))
+    with torch.no_grad():
+        for key, tensor in model.get_adapter_state_dict("default", live=True).items():
+            if "adapter_" not in key:
+                tensor.add_(0.1)  # the trained norms, so that loading them matters
+    model.set_adapter("default")
+    assert all(p.requires_grad for k, p in model.get_adapter_state_dict("default", live=True).items())
+    model.save_pretrained(tmp_path, selected_adapters=["default"])
+    loaded = PeftModel.from_pretrained(make_model(kind), tmp_path)
+    inputs = make_inputs(kind)
+    torch.testing.assert_close(model_logits(loaded, inputs), model_logits(model, inputs))
+
+
 def test_several_active_adapters_add_up() -> None:
     model = get_peft_model(make_model("gpt2"), ParallelAdapterConfig(r=4, init_weights=False)).eval()
     model.add_adapter("b", ParallelAdapterConfig(r=2, init_weights=False))
@@ -267,18 +371,20 @@ def test_several_active_adapters_add_up() -> None:
     torch.testing.assert_close(model_logits(model, inputs), model_logits(reference, inputs), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", [AdapterConfig(variant="pfeiffer", r=4, init_weights=False),
-                                    ParallelAdapterConfig(r=4, target="attn", init_weights=False)],
-                         ids=["pfeiffer-block", "parallel-attn"])
-def test_gradient_checkpointing_gives_same_gradients(config: PeftConfig) -> None:
+@pytest.mark.parametrize(("kind", "config"), [
+    ("llama", AdapterConfig(variant="pfeiffer", r=4, init_weights=False)),
+    ("llama", ParallelAdapterConfig(r=4, target="attn", init_weights=False)),
+    ("opt", ParallelAdapterConfig(r=4, init_weights=False)),  # the taps run again in the checkpointed recomputation
+], ids=["pfeiffer-block", "parallel-attn", "parallel-opt-ffn-span"])
+def test_gradient_checkpointing_gives_same_gradients(kind: str, config: PeftConfig) -> None:
     grads = []
     for checkpointing in (False, True):
-        base = make_model("llama")
+        base = make_model(kind)
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         torch.manual_seed(0)
         model = get_peft_model(base, config).train()
-        model(**make_inputs("llama")).loss.backward()
+        model(**make_inputs(kind)).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
@@ -354,19 +460,171 @@ def test_lora_and_houlsby_nest_on_the_same_module() -> None:
     assert set(model.get_adapter_state_dict("lora")) == set(alone.get_adapter_state_dict("default"))
 
 
+@pytest.mark.parametrize("how", ["merge_adapter", "safe_merge_adapter", "safe_merge_and_unload"])
+@pytest.mark.parametrize(("kind", "lora_targets"), [("bert", ["output.dense", "query"]),
+                                                   ("gpt2", ["c_proj", "c_attn"])])
+def test_lora_over_an_adapter_refuses_to_merge_and_changes_nothing(kind: str, lora_targets: list[str],
+                                                                    how: str) -> None:
+    # LoRA added after Houlsby on the same projection wraps it: (h + A(h)) + B A x. Merged, B A would pass through A.
+    model = get_peft_model(make_model(kind), AdapterConfig(variant="houlsby", r=4, init_weights=False,
+                                                           train_layer_norms=False)).eval()
+    model.add_adapter("lora", LoraConfig(r=4, target_modules=lora_targets, init_lora_weights=False))
+    model.set_adapter(["default", "lora"])
+    inputs = make_inputs(kind)
+    logits = model_logits(model, inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NotMergeableError, match=r"LoRA adapter\(s\) \['lora'\] into \S+\.(c_proj|output\.dense): "
+                                                r".*Bottleneck adapter.*weight is unchanged"):
+        if how == "safe_merge_and_unload":
+            model.merge_and_unload(adapter_names=["lora"], safe_merge=True)
+        else:
+            model.merge_adapter(["lora"], safe_merge=how == "safe_merge_adapter")
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(m.merged_adapters for m in model.modules() if isinstance(m, AdapterLayer))
+    torch.testing.assert_close(model_logits(model, inputs), logits, atol=0, rtol=0)
+
+
+def test_merge_and_unload_of_lora_over_an_adapter_never_gives_a_wrong_model() -> None:
+    # merge_and_unload unloads the adapter, so LoRA may merge into the bare weight: the model is then LoRA alone. (The
+    # core unwraps inner layers before asking the outer LoRA to merge; a core pre-check would make this refuse.)
+    model = get_peft_model(make_model("bert"), AdapterConfig(variant="houlsby", r=4, init_weights=False,
+                                                             train_layer_norms=False)).eval()
+    model.add_adapter("lora", LoraConfig(r=4, target_modules=["output.dense"], init_lora_weights=False))
+    inputs = make_inputs("bert")
+    model.set_adapter("lora")
+    lora_alone = model_logits(model, inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        plain = model.merge_and_unload(adapter_names=["lora"])
+    except NotMergeableError:
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    else:
+        assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+        torch.testing.assert_close(model_logits(plain, inputs), lora_alone, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_beside_or_inside_an_adapter_still_merges() -> None:
+    # "inner": LoRA added before Houlsby on output.dense, which then wraps it: (W0 x + B A x) + A(...); "beside": LoRA
+    # on the query, which holds no adapter. Merging either folds B A into a weight the adapter reads, unchanged.
+    inner = LoraConfig(r=4, target_modules=["output.dense"], init_lora_weights=False)
+    model = get_peft_model(make_model("bert"), inner, adapter_name="inner").eval()
+    model.add_adapter("default", AdapterConfig(variant="houlsby", r=4, init_weights=False, train_layer_norms=False))
+    model.add_adapter("beside", LoraConfig(r=4, target_modules=["query"], init_lora_weights=False))
+    model.set_adapter(["default", "inner", "beside"])
+    inputs = make_inputs("bert")
+    expected = model_logits(model, inputs)
+    model.merge_adapter(["inner", "beside"], safe_merge=True)
+    merged = {n for m in model.modules() if isinstance(m, AdapterLayer) for n in m.merged_adapters}
+    assert merged == {"inner", "beside"}
+    torch.testing.assert_close(model_logits(model, inputs), expected, atol=1e-5, rtol=1e-4)
+    model.unmerge_adapter()
+    model.set_adapter(["inner", "beside"])
+    expected = model_logits(model, inputs)
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(model_logits(plain, inputs), expected, atol=1e-5, rtol=1e-4)
+
+
+# ---- OPT's FFN: a parallel adapter spanning fc1 → fc2 -------------------------------------------------------------
+def _taps(model: nn.Module) -> list[ParallelAdapterTap]:
+    return [m for m in model.modules() if isinstance(m, ParallelAdapterTap)]
+
+
+def test_opt_ffn_span_saves_loads_deletes_and_unloads_bit_identical(tmp_path) -> None:
+    base = make_model("opt")
+    modules = [(n, type(m)) for n, m in base.named_modules()]
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, ParallelAdapterConfig(r=4, init_weights=False)).eval()
+    model.add_adapter("b", ParallelAdapterConfig(r=2, init_weights=False))
+    inputs = make_inputs("opt")
+    expected = model_logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert not any("fc1" in k or "fc2" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(make_model("opt"), tmp_path)
+    assert loaded.peft_config["default"].span == ["fc1", "fc2"]
+    torch.testing.assert_close(model_logits(loaded, inputs), expected)
+
+    model.delete_adapter("b")
+    assert len(_taps(model)) == 4 and all(tap.adapter_names == ["default"] for tap in _taps(model))
+    torch.testing.assert_close(model_logits(model, inputs), expected)
+    model.add_adapter("b", ParallelAdapterConfig(r=2))
+    plain = model.unload()
+    assert [(n, type(m)) for n, m in plain.named_modules()] == modules  # no tap left inside the decoder layers
+    assert all(torch.equal(v, original[k]) for k, v in plain.state_dict().items())
+    deleted = get_peft_model(make_model("opt"), ParallelAdapterConfig(r=4), adapter_name="x")
+    deleted.add_adapter("y", LoraConfig(r=4, target_modules=["q_proj"]))
+    deleted.delete_adapter("x")
+    assert not _taps(deleted) and not _layers(deleted)
+
+
+def test_opt_ffn_span_mixed_batch_routes_rows() -> None:
+    model = get_peft_model(make_model("opt"), ParallelAdapterConfig(r=4, init_weights=False)).eval()
+    model.add_adapter("b", ParallelAdapterConfig(r=4, init_weights=False))
+    inputs = make_inputs("opt")
+    names = ["b", BASE_ADAPTER_NAME, "default"]
+    mixed = model_logits(model, inputs, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == BASE_ADAPTER_NAME:
+            expected = model_logits(make_model("opt"), inputs)
+        else:
+            model.set_adapter(name)
+            expected = model_logits(model, inputs)
+        torch.testing.assert_close(mixed[row], expected[row], atol=1e-5, rtol=1e-4)
+
+
+def test_opt_ffn_span_nests_with_lora_on_its_ends() -> None:
+    model = get_peft_model(make_model("opt"), ParallelAdapterConfig(r=4, init_weights=False)).eval()
+    model.add_adapter("lora", LoraConfig(r=4, target_modules=["fc1", "fc2"], init_lora_weights=False))
+    model.set_adapter(["default", "lora"])
+    reference = make_model("opt")
+    _reference_hooks(reference, model, "relu")
+    for path, lora in {n.replace(".base_layer", ""): m for n, m in model.base_model.model.named_modules()
+                       if type(m).__name__ == "LoraLinear"}.items():
+        def hook(mod, inp, out, lora=lora):
+            return out + inp[0] @ lora.lora_A["lora"].weight.T @ lora.lora_B["lora"].weight.T * lora.scaling["lora"]
+        get_module(reference, path).register_forward_hook(hook)
+    inputs = make_inputs("opt")
+    torch.testing.assert_close(model_logits(model, inputs), model_logits(reference, inputs), atol=1e-5, rtol=1e-4)
+    assert set(model.get_adapter_state_dict("lora")) == set(
+        get_peft_model(make_model("opt"), LoraConfig(r=4, target_modules=["fc1", "fc2"])).get_adapter_state_dict(
+            "default"))
+    model.delete_adapter("default")
+    assert not _taps(model)
+    torch.testing.assert_close(model.unload().state_dict(), make_model("opt").state_dict(), atol=0, rtol=0)
+
+
+def test_span_errors_name_the_fix() -> None:
+    blocks = r".*\.layers\.\d+"
+    with pytest.raises(PeftConfigError, match="span must be two submodule names"):
+        ParallelAdapterConfig(span=["fc1"])
+    base = make_model("opt")
+    with pytest.raises(TargetModuleError, match="no submodule 'fc3'"):
+        get_peft_model(base, ParallelAdapterConfig(r=4, target_modules=blocks, span=["fc1", "fc3"]))
+    with pytest.raises(TargetModuleError, match="or span two of them"):
+        get_peft_model(base, ParallelAdapterConfig(r=4, target_modules=blocks, span=["final_layer_norm", "fc2"]))
+    assert not any(isinstance(m, AdapterLayer) for m in base.modules())
+    model = get_peft_model(make_model("opt"), ParallelAdapterConfig(r=4))
+    with pytest.raises(TargetModuleError, match="same one"):
+        model.add_adapter("beside", ParallelAdapterConfig(r=4, target_modules=blocks))
+    assert list(model.peft_config) == ["default"]
+    assert all(tap.adapter_names == ["default"] for tap in _taps(model))
+
+
 # ---- AdapterDrop ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [AdapterConfig(variant="houlsby", r=4, init_weights=False),
-                                    ParallelAdapterConfig(r=4, init_weights=False)], ids=["houlsby", "parallel"])
-def test_skip_layers_equals_model_without_those_layers_adapters(config: PeftConfig) -> None:
-    inputs = make_inputs("gpt2")
-    model = get_peft_model(make_model("gpt2"), config).eval()
-    only_top = get_peft_model(make_model("gpt2"), dataclasses.replace(config, layers_to_transform=[1])).eval()
+@pytest.mark.parametrize(("kind", "config"), [("gpt2", AdapterConfig(variant="houlsby", r=4, init_weights=False)),
+                                             ("gpt2", ParallelAdapterConfig(r=4, init_weights=False)),
+                                             ("opt", ParallelAdapterConfig(r=4, init_weights=False))],
+                         ids=["houlsby", "parallel", "parallel-opt-ffn-span"])
+def test_skip_layers_equals_model_without_those_layers_adapters(kind: str, config: PeftConfig) -> None:
+    inputs = make_inputs(kind)
+    model = get_peft_model(make_model(kind), config).eval()
+    only_top = get_peft_model(make_model(kind), dataclasses.replace(config, layers_to_transform=[1])).eval()
     only_top.load_state_dict(model.state_dict(), strict=False)
     full = model_logits(model, inputs)
     model.set_skip_layers([0])
     torch.testing.assert_close(model_logits(model, inputs), model_logits(only_top, inputs))
     model.set_skip_layers([0, 1])
-    torch.testing.assert_close(model_logits(model, inputs), model_logits(make_model("gpt2"), inputs))
+    torch.testing.assert_close(model_logits(model, inputs), model_logits(make_model(kind), inputs))
     model.set_skip_layers(None)
     torch.testing.assert_close(model_logits(model, inputs), full)
 
