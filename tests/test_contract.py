@@ -178,3 +178,13 @@ def test_mixed_batch_equals_per_adapter_rows(case: MethodCase) -> None:
         # A row with a shorter prompt than the batch's longest ends in masked fill: compare its own positions.
         expected = per_adapter[name][row]
         torch.testing.assert_close(mixed[row][: expected.shape[0]], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_module_casts_reach_the_adapters(case: MethodCase) -> None:
+    # ``.to()``/``.double()`` go through ``nn.Module._apply``: an adapter must not shadow it, and must follow.
+    model, inputs = _wrap(case), make_inputs(case.model)
+    want = model_logits(model, inputs).double()
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    torch.testing.assert_close(model_logits(model, inputs), want, atol=1e-4, rtol=1e-4)

@@ -157,13 +157,13 @@ class ParallelAdapterLayer(BottleneckLayer):
         if self.batch_adapter_names is not None:
             if self.disable_adapters or self.skipped:
                 return self.base_layer(*args, **kwargs)
-            return self._apply(args, kwargs, self._batch_delta)
+            return self._run_beside(args, kwargs, self._batch_delta)
         names = self._running()
         if not names:
             return self.base_layer(*args, **kwargs)
-        return self._apply(args, kwargs, lambda z: sum(self._delta(n, z) for n in names))
+        return self._run_beside(args, kwargs, lambda z: sum(self._delta(n, z) for n in names))
 
-    def _apply(self, args: tuple, kwargs: dict, delta_of: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    def _run_beside(self, args: tuple, kwargs: dict, delta_of: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         if self.residual_arg:
             return self._with_residual(args, kwargs, delta_of)
         z = first_input(args, kwargs, self._input_name)

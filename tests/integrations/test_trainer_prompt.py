@@ -1,4 +1,5 @@
-"""transformers ``Trainer`` trains a prompt-tuning model as it is: with the default ``remove_unused_columns=True``
+"""transformers ``Trainer`` trains peftkit models as they are (prompt tuning in detail, then the other families):
+with the default ``remove_unused_columns=True``
 the Trainer keeps the dataset columns that ``forward``'s signature names, so that signature must be the base
 model's (plus ``adapter_names``), not ``(*args, **kwargs)``."""
 
@@ -11,7 +12,14 @@ import torch
 from conftest import SEQ, VOCAB, make_model
 from transformers import Trainer, TrainingArguments
 
-from peftkit import get_peft_model
+from peftkit import (
+    AdapterConfig,
+    ParallelAdapterConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PTuningV2Config,
+    get_peft_model,
+)
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 
 TASKS = {"gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
@@ -77,3 +85,24 @@ def test_trainer_drops_columns_the_model_does_not_take(tmp_path) -> None:
     Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_dataset("bert")).train()
     assert seen and {"input_ids", "attention_mask", "labels"} <= seen[0]
     assert not seen[0] & {"example_id", "text"}
+
+
+FAMILIES = {
+    "prefix-gpt2": ("gpt2", lambda: PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")),
+    "p-tuning-gpt2": ("gpt2", lambda: PromptEncoderConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")),
+    "p-tuning-v2-bert": ("bert", lambda: PTuningV2Config(num_virtual_tokens=4, task_type="SEQ_CLS")),
+    "pfeiffer-bert": ("bert", lambda: AdapterConfig(variant="pfeiffer", r=8, task_type="SEQ_CLS")),
+    "parallel-gpt2": ("gpt2", lambda: ParallelAdapterConfig(r=8, task_type="CAUSAL_LM")),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_trainer_trains_other_method_families_with_default_arguments(family: str, tmp_path) -> None:
+    kind, config = FAMILIES[family]
+    model = get_peft_model(make_model(kind, seed=0), config())
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    Trainer(model=model, args=_args(tmp_path, max_steps=3, learning_rate=1e-2), train_dataset=_dataset(kind)).train()
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(params[n], before) for n, before in trainable.items())
+    assert all(torch.equal(params[n], before) for n, before in frozen.items())
