@@ -26,6 +26,7 @@ from peftkit.core import (
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.adapters import AdapterConfig
 from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.composite import CompositeConfig, MAMConfig
 from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
@@ -44,8 +45,10 @@ __all__ = [
     "AdapterNotFoundError",
     "BitFitConfig",
     "CheckpointError",
+    "CompositeConfig",
     "IA3Config",
     "LoraConfig",
+    "MAMConfig",
     "NotMergeableError",
     "PTuningConfig",
     "PTuningV2Config",

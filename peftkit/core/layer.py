@@ -16,7 +16,8 @@ from torch import nn
 
 from peftkit.core.errors import NotMergeableError
 
-__all__ = ["AdapterLayer", "AdapterModule", "ModulesToSaveWrapper", "base_layer_of", "BASE_ADAPTER_NAME"]
+__all__ = ["AdapterLayer", "AdapterModule", "AdapterModuleGroup", "ModulesToSaveWrapper", "base_layer_of",
+           "BASE_ADAPTER_NAME"]
 
 # Name a mixed batch uses for rows that should see the base model only (HF peft's spelling).
 BASE_ADAPTER_NAME = "__base__"
@@ -136,7 +137,8 @@ class AdapterLayer(nn.Module):
 
     # ---- merging -------------------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The change to ``get_base_layer().weight`` that merging ``adapter_name`` makes, in the weight's layout."""
+        """The change to ``get_base_layer().weight`` that merging ``adapter_name`` makes, in the weight's layout;
+        in the weight's dtype, or fp32 for a half-precision weight (the merge then rounds once)."""
         raise NotMergeableError(f"{self.method_name or type(self).__name__} adapters cannot be merged into weights.")
 
     def _to_merge(self, adapter_names: list[str] | None) -> list[str]:
@@ -148,10 +150,11 @@ class AdapterLayer(nn.Module):
         names = self._to_merge(adapter_names)
         if not names:
             return
-        merged = self.get_base_layer().weight.detach().clone()
+        weight = self.get_base_layer().weight.detach()
+        merged = weight.to(_merge_dtype(weight.dtype), copy=True)
         for name in names:
             merged += self.delta_weight(name)
-            if not torch.isfinite(merged).all():
+            if not torch.isfinite(merged.to(weight.dtype)).all():  # fp16 overflows where fp32 does not
                 raise ValueError(
                     f"Merging adapter {name!r} into {type(self).__name__} gives non-finite weights (the adapter holds "
                     "NaN/inf or overflows the dtype). Nothing was merged."
@@ -162,13 +165,13 @@ class AdapterLayer(nn.Module):
             self.check_merge(adapter_names)
         weight = self.get_base_layer().weight
         for name in self._to_merge(adapter_names):
-            weight.data.add_(self.delta_weight(name))
+            _add_in_place(weight, self.delta_weight(name), 1.0)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         weight = self.get_base_layer().weight
         while self.merged_adapters:
-            weight.data.sub_(self.delta_weight(self.merged_adapters.pop()))
+            _add_in_place(weight, self.delta_weight(self.merged_adapters.pop()), -1.0)
 
     def merged_module(self, adapter_names: list[str] | None, dequantize: bool = False) -> nn.Module:
         """What ``merge_and_unload`` puts back in place of this layer: the base layer with the adapters merged."""
@@ -177,6 +180,19 @@ class AdapterLayer(nn.Module):
 
     def _skip_adapters(self) -> bool:
         return self.disable_adapters or not self.active_adapters
+
+
+def _merge_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _add_in_place(weight: torch.Tensor, delta: torch.Tensor, sign: float) -> None:
+    """``weight += sign·delta``; a half-precision weight is summed in fp32 and rounded once. ``delta_weight`` may be
+    fp32 for such weights: rounding it to bf16 first (8 mantissa bits) and then the sum would round twice."""
+    if weight.dtype == _merge_dtype(weight.dtype):
+        weight.data.add_(delta, alpha=sign)
+    else:
+        weight.data.copy_(weight.data.float().add_(delta.float(), alpha=sign))
 
 
 class ModulesToSaveWrapper(AdapterLayer):
@@ -257,3 +273,47 @@ class AdapterModule(nn.Module):
 
     def materialize(self) -> None:
         """Switch to the form ``checkpoint_tensors`` describes, so a checkpoint can be loaded into it."""
+
+    def member(self, method_name: str) -> AdapterModule:
+        """The module of member method ``method_name`` (a peft type); a single method's module is its own."""
+        return self
+
+
+class AdapterModuleGroup(AdapterModule):
+    """The modules of an adapter made of several methods (a composite), by member peft type."""
+
+    def __init__(self, modules: dict[str, AdapterModule]) -> None:
+        super().__init__()
+        self.members = nn.ModuleDict(modules)
+
+    def member(self, method_name: str) -> AdapterModule:
+        return self.members[method_name]
+
+    def attach(self, model: nn.Module) -> None:
+        attached: list[AdapterModule] = []
+        try:
+            for module in self.members.values():
+                module.attach(model)
+                attached.append(module)
+        except BaseException:
+            for module in reversed(attached):
+                module.detach(model)
+            raise
+
+    def detach(self, model: nn.Module) -> None:
+        for module in reversed(list(self.members.values())):
+            module.detach(model)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self.members.items():
+            tensors = module.checkpoint_tensors()
+            clash = sorted(set(tensors) & set(out))
+            if clash:
+                raise ValueError(f"Members of one adapter save the same checkpoint key(s) {clash} ({name}).")
+            out.update(tensors)
+        return out
+
+    def materialize(self) -> None:
+        for module in self.members.values():
+            module.materialize()

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from peftkit.core import checkpoint as ckpt
 from peftkit.core.config import PeftConfig, TunerConfig
 from peftkit.core.errors import AdapterNotFoundError, CheckpointError, NotMergeableError, PeftConfigError
 from peftkit.core.inject import adapter_layers, add_modules_to_save, inject_adapter, remove_adapter, replace_module
-from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
+from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, AdapterModule, AdapterModuleGroup
 from peftkit.core.registry import ForwardCall, PeftMethod, method_for
 from peftkit.core.targets import logical_name
 from peftkit.integrations.transformers import task_head_names
@@ -117,10 +118,24 @@ class PeftModel(nn.Module):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 
-    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
-        """Enable checkpointing on the base model, and make its inputs carry gradients so adapters train."""
-        self.base_model.model.gradient_checkpointing_enable(*args, **kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Enable checkpointing on the base model, and make its inputs carry gradients so adapters train.
+
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint`` (``{"use_reentrant": True}``).
+        """
+        model = self.base_model.model
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                  **kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         self._inputs_require_grads()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any
+                                        ) -> None:
+        """transformers 5's name for ``gradient_checkpointing_enable``, which ``Trainer`` calls; defined here so
+        that the call does not pass through to the base model and skip the input gradients."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     # ---- pass-through --------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -148,7 +163,8 @@ class PeftModel(nn.Module):
     def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. In training, methods' auxiliary losses are added to ``outputs.loss``."""
         for name in self._active:
-            method_for(self.peft_config[name]).before_forward(self, name)
+            for method, _ in self._leaves(name):
+                method.before_forward(self, name)
         model = self.base_model.model
         with self._mixed_batch(adapter_names, args, kwargs), self._call_context(adapter_names, args, kwargs) as call:
             if call is None:
@@ -171,9 +187,10 @@ class PeftModel(nn.Module):
         """
         total = None
         for name in self._active:
-            term = method_for(self.peft_config[name]).auxiliary_loss(self, name)
-            if term is not None:
-                total = term if total is None else total + term
+            for method, _ in self._leaves(name):
+                term = method.auxiliary_loss(self, name)
+                if term is not None:
+                    total = term if total is None else total + term
         return total
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
@@ -193,13 +210,13 @@ class PeftModel(nn.Module):
     ) -> Iterator[ForwardCall | None]:
         """Let methods with a ``forward_context`` rewrite the inputs; None when no method has one (the fast path)."""
         methods: dict[type[PeftMethod], list[str]] = {}
-        for name, config in self.peft_config.items():
-            method = method_for(config)
-            if method.forward_context.__func__ is not PeftMethod.forward_context.__func__:
-                methods.setdefault(method, [])
-                in_play = name in adapter_names if adapter_names is not None else name in self._active
-                if in_play and not self._adapters_disabled:
-                    methods[method].append(name)
+        for name in self.peft_config:
+            for method, _ in self._leaves(name):
+                if method.forward_context.__func__ is not PeftMethod.forward_context.__func__:
+                    methods.setdefault(method, [])
+                    in_play = name in adapter_names if adapter_names is not None else name in self._active
+                    if in_play and not self._adapters_disabled:
+                        methods[method].append(name)
         if not methods:
             yield None
             return
@@ -238,6 +255,22 @@ class PeftModel(nn.Module):
     def _layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         return adapter_layers(self.base_model.model)
 
+    def _leaves(self, adapter_name: str) -> list[tuple[type[PeftMethod], PeftConfig]]:
+        """The (method, config) pairs an adapter consists of: one, or a composite's members."""
+        config = self.peft_config[adapter_name]
+        return [(method_for(m), m) for m in method_for(config).members(config)]
+
+    def member_config(self, adapter_name: str, method: type[PeftMethod]) -> PeftConfig:
+        """``method``'s config in ``adapter_name``: the adapter's own, or its member's when it is a composite."""
+        for leaf_method, leaf in self._leaves(adapter_name):
+            if leaf_method is method:
+                return leaf
+        raise AdapterNotFoundError(f"Adapter {adapter_name!r} has no {method.name()} part.")
+
+    def adapter_module(self, adapter_name: str, method: type[PeftMethod]) -> AdapterModule:
+        """``method``'s module of ``adapter_name`` (a member's module when the adapter is a composite)."""
+        return self.adapter_modules[adapter_name].member(method.name())
+
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Inject a new adapter (inactive until ``set_adapter``). On any error the model is left as it was."""
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -250,17 +283,23 @@ class PeftModel(nn.Module):
         config = self._complete_config(peft_config, method)
         model = self.base_model.model
         try:
-            inject_adapter(model, method, config, adapter_name)
-            module = method.adapter_module(self, config, adapter_name)
-            if module is not None:
+            leaves = [(method_for(m), m) for m in method.members(config)]
+            modules: dict[str, AdapterModule] = {}
+            for leaf_method, leaf in leaves:
+                inject_adapter(model, leaf_method, leaf, adapter_name)
+                module = leaf_method.adapter_module(self, leaf, adapter_name)
+                if module is not None:
+                    modules[leaf_method.name()] = module
+            if modules:
+                module = next(iter(modules.values())) if len(modules) == 1 else AdapterModuleGroup(modules)
                 module.train(self.training)
                 self.adapter_modules[adapter_name] = module
                 module.attach(model)
             if config.modules_to_save:
                 add_modules_to_save(model, config.modules_to_save, adapter_name)
-            for name in method.trainable_base_parameters(model, config):
-                param = model.get_parameter(name)
-                self._base_snapshot.setdefault(name, param.detach().clone())
+            for leaf_method, leaf in leaves:
+                for name in leaf_method.trainable_base_parameters(model, leaf):
+                    self._base_snapshot.setdefault(name, model.get_parameter(name).detach().clone())
         except BaseException:
             self._remove_adapter_module(adapter_name)
             remove_adapter(model, adapter_name)
@@ -275,10 +314,15 @@ class PeftModel(nn.Module):
             self.adapter_modules[adapter_name].detach(self.base_model.model)
             del self.adapter_modules[adapter_name]
 
-    def _complete_config(self, config: PeftConfig, method: type[PeftMethod]) -> PeftConfig:
-        """Fill what the user left to defaults: targets for the architecture, the task head."""
+    def _complete_config(self, config: PeftConfig, method: type[PeftMethod], heads: bool = True) -> PeftConfig:
+        """Fill what the user left to defaults: targets for the architecture, the task head (added once, for the
+        whole adapter, when it has members)."""
         model = self.base_model.model
-        config = method.prepare_config(model, config)
+        members = method.members(config)
+        if len(members) != 1 or members[0] is not config:
+            config = method.with_members(config, [self._complete_config(m, method_for(m), False) for m in members])
+        else:
+            config = method.prepare_config(model, config)
         changes: dict[str, Any] = {}
         if isinstance(config, TunerConfig) and config.target_modules is None:
             defaults = method.default_target_modules(model)
@@ -288,6 +332,8 @@ class PeftModel(nn.Module):
                     f"{type(model).__name__}; pass target_modules (names from model.named_modules())."
                 )
             changes["target_modules"] = defaults
+        if not heads:
+            return dataclasses.replace(config, **changes) if changes else config
         absent = task_head_names(model, config.task_type, present=False)
         kept = [m for m in config.modules_to_save or [] if m not in absent]
         heads = [h for h in task_head_names(model, config.task_type) if h not in kept]
@@ -332,8 +378,9 @@ class PeftModel(nn.Module):
                 layer.set_trainable(name, trainable)
             if name in self.adapter_modules:
                 self.adapter_modules[name].requires_grad_(trainable)
-            for param_name in method_for(config).trainable_base_parameters(model, config):
-                shared[param_name] = shared.get(param_name, False) or trainable
+            for method, leaf in self._leaves(name):
+                for param_name in method.trainable_base_parameters(model, leaf):
+                    shared[param_name] = shared.get(param_name, False) or trainable
         for param_name, trainable in shared.items():
             model.get_parameter(param_name).requires_grad_(trainable)
 
@@ -379,8 +426,11 @@ class PeftModel(nn.Module):
         if merged:
             raise ValueError(f"Adapter(s) {merged} are merged; call unmerge_adapter() before a mixed batch.")
         for name in dict.fromkeys(names):
-            if name != BASE_ADAPTER_NAME and not method_for(self.peft_config[name]).supports_mixed_batch:
-                raise NotImplementedError(f"{self.peft_config[name].peft_type} adapters do not support mixed batches.")
+            if name == BASE_ADAPTER_NAME:
+                continue
+            refusing = [leaf.peft_type for method, leaf in self._leaves(name) if not method.supports_mixed_batch]
+            if refusing:
+                raise NotImplementedError(f"Adapter {name!r}: {refusing} adapters do not support mixed batches.")
         first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] != len(names):
             raise ValueError(
@@ -390,11 +440,17 @@ class PeftModel(nn.Module):
     # ---- merging -------------------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:
         for name in names:
-            if not method_for(self.peft_config[name]).mergeable:
-                raise NotMergeableError(
-                    f"Adapter {name!r} is {self.peft_config[name].peft_type}, which cannot be merged into the base "
-                    "weights; use unload() to remove it, or keep it unmerged."
-                )
+            leaves = self._leaves(name)
+            refusing = [leaf.peft_type for method, leaf in leaves if not method.mergeable]
+            if not refusing:
+                continue
+            if len(leaves) == 1:
+                what = f"is {refusing[0]}, which cannot be merged into the base weights"
+            else:
+                mergeable = [leaf.peft_type for method, leaf in leaves if method.mergeable]
+                what = (f"is a {self.peft_config[name].peft_type} adapter whose member(s) {refusing} cannot be merged "
+                        f"into the base weights (mergeable: {mergeable or 'none'})")
+            raise NotMergeableError(f"Adapter {name!r} {what}; use unload() to remove it, or keep it unmerged.")
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights; ``unmerge_adapter`` undoes it."""
@@ -475,41 +531,78 @@ class PeftModel(nn.Module):
     def get_adapter_state_dict(self, adapter_name: str, live: bool = False) -> dict[str, torch.Tensor]:
         """The adapter's tensors keyed as in the checkpoint (``base_model.model.<path>...``)."""
         self._check_known([adapter_name])
+        out = self._adapter_tensors(adapter_name, materialize=live)
+        return out if live else {k: v.detach() for k, v in out.items()}
+
+    def _adapter_tensors(self, adapter_name: str, materialize: bool) -> dict[str, torch.Tensor]:
+        """The live tensors (the parameter objects themselves) behind ``get_adapter_state_dict``."""
         config = self.peft_config[adapter_name]
         method = method_for(config)
         prefix = method.checkpoint_prefix
         out: dict[str, torch.Tensor] = {}
         for path, layer in self._layers():
             # Keys use the wrapped module's name, so they do not depend on which other layers nest around it.
-            path = logical_name(path)
+            path = _without_wrapper_hops(logical_name(path))
             for key, tensor in layer.adapter_tensors(adapter_name).items():
                 out[f"{prefix}{path}.{key}"] = tensor
         model = self.base_model.model
-        for name in method.trainable_base_parameters(model, config):
-            out[prefix + name] = model.get_parameter(name)
+        for leaf_method, leaf in self._leaves(adapter_name):
+            for name in leaf_method.trainable_base_parameters(model, leaf):
+                out[prefix + name] = model.get_parameter(name)
         if adapter_name in self.adapter_modules:
-            if live:  # a checkpoint holds the module's inference form; loading goes into that form
+            if materialize:  # a checkpoint holds the module's inference form; loading goes into that form
                 self.adapter_modules[adapter_name].materialize()
             out.update(self.adapter_modules[adapter_name].checkpoint_tensors())
-        return out if live else {k: v.detach() for k, v in out.items()}
+        return out
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **kwargs: Any
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
         The "default" adapter goes into ``save_directory``, others into ``save_directory/<name>`` (HF layout).
+
+        Args:
+            is_main_process: False on the ranks of a distributed run that must not write (HF's argument).
+            state_dict: A full model state dict gathered elsewhere, keyed like ``self.state_dict()`` (FSDP's
+                ``FULL_STATE_DICT``, DeepSpeed ZeRO-3's consolidated weights); adapter tensors are read from it
+                instead of from the live parameters, which may be shards.
+
+        Raises:
+            CheckpointError: an adapter tensor is a shard (a DTensor, or the empty placeholder FSDP1 and ZeRO-3
+                leave on a rank); writing it would give an empty or partial checkpoint. Nothing is written.
         """
         if kwargs.get("safe_serialization") is False:
             raise ValueError("peftkit writes safetensors only; drop safe_serialization=False.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_known(names)
+        if not is_main_process:
+            return
+        if state_dict is None and any(type(m).__name__ == "FullyShardedDataParallel" for m in self.modules()):
+            raise CheckpointError(
+                "The model holds FSDP1 (FullyShardedDataParallel) units whose parameters are flattened shards outside "
+                "forward; nothing was written. Call peftkit.integrations.training.save_adapter(model, directory) on "
+                "every rank, or pass a gathered state_dict=."
+            )
+        by_id = None
+        if state_dict is not None:  # named_parameters, not state_dict(): FSDP's state-dict hooks may communicate
+            named = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+            by_id = {id(t): _without_wrapper_hops(n) for n, t in named}
         for name in names:
+            tensors = self._adapter_tensors(name, materialize=False)
+            if by_id is not None:  # the gathered copy of each parameter, found through the live parameter's name
+                tensors = {k: state_dict.get(by_id.get(id(t), ""), t) for k, t in tensors.items()}
+            _refuse_shards(tensors, name)
             directory = os.path.join(save_directory, "" if name == "default" else name)
             config = self.peft_config[name]
             base_name = config.base_model_name_or_path or getattr(getattr(self, "config", None), "name_or_path", None)
             saved = dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name or None)
-            ckpt.write_adapter_files(directory, self.get_adapter_state_dict(name), saved.to_json_string())
+            ckpt.write_adapter_files(directory, {k: v.detach() for k, v in tensors.items()}, saved.to_json_string())
 
     @classmethod
     def from_pretrained(
@@ -556,6 +649,34 @@ class PeftModel(nn.Module):
             raise
         self.set_adapter(self._active or [adapter_name])
 
+    def hotswap_adapter(self, model_id: str | os.PathLike, adapter_name: str = "default", **kwargs: Any) -> None:
+        """Overwrite the weights of the loaded adapter ``adapter_name`` in place with those saved in ``model_id``.
+
+        The parameters stay the same objects, so an optimizer, a DDP or FSDP wrapper and a ``torch.compile``d
+        model keep working, and nothing recompiles. The saved config must equal the loaded one except for
+        ``inference_mode`` and ``base_model_name_or_path`` (same targets, ranks, scales); HF peft's
+        ``peft.utils.hotswap.hotswap_adapter`` does the same. Fields that only pick initial values (``init_*``,
+        ``*_init``) may differ: the loaded weights replace them.
+
+        Raises:
+            AdapterNotFoundError: ``adapter_name`` is not loaded (use ``load_adapter`` to add it).
+            PeftConfigError, CheckpointError: the saved adapter differs in config or shapes; nothing changes.
+        """
+        self._check_known([adapter_name])
+        directory = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
+        saved, weights = PeftConfig.from_pretrained(directory), ckpt.read_adapter_weights(directory)
+        ours, theirs = self.peft_config[adapter_name].to_dict(), saved.to_dict()
+        differ = sorted(
+            k for k in ours.keys() | theirs.keys()
+            if not _HOTSWAP_IGNORED.search(k) and ours.get(k) != theirs.get(k)
+        )
+        if differ:
+            raise PeftConfigError(
+                f"Cannot hot-swap {directory!r} into adapter {adapter_name!r}: the configs differ in {differ}. "
+                "Load it under a new name with load_adapter instead."
+            )
+        self._load_weights(adapter_name, weights, directory)
+
     def _base_overrides(self, keys: list[str]) -> dict[str, nn.Parameter]:
         """Checkpoint keys naming base parameters of wrapped modules, e.g. the full embedding matrix HF peft saves
         with ``save_embedding_layers`` (new tokens); they are loaded into the base, and ``unload()`` restores it."""
@@ -573,6 +694,12 @@ class PeftModel(nn.Module):
         expected = self.get_adapter_state_dict(adapter_name, live=True)
         overrides = self._base_overrides([k for k in weights if k not in expected])
         expected_all = {**expected, **overrides}
+        on_meta = sorted(k for k, t in expected_all.items() if t.is_meta)
+        if on_meta:  # copy_ into a meta tensor is a silent no-op: the adapter would keep no weights
+            raise CheckpointError(
+                f"{len(on_meta)} adapter tensor(s) are on the meta device (e.g. {on_meta[0]}); nothing was loaded. "
+                "Give the model real storage first: peftkit.integrations.training.materialize_meta_tensors(model)."
+            )
         problems = ckpt.check_against_model(weights, expected_all, where)
         if problems:
             raise CheckpointError(
@@ -584,6 +711,38 @@ class PeftModel(nn.Module):
                 if key in overrides:
                     self._base_snapshot.setdefault(key[len(ckpt.KEY_PREFIX):], target.detach().clone())
                 target.copy_(weights[key].to(dtype=target.dtype, device=target.device))
+
+
+# Config fields a hot-swap may change: bookkeeping, and the choice of initial values the loaded weights replace.
+_HOTSWAP_IGNORED = re.compile(r"^(inference_mode|base_model_name_or_path)$|(^|_)init($|_)")
+
+# Module names torch's wrappers insert (FSDP1 units, activation-checkpoint wrappers); their state dicts, and
+# peftkit's checkpoint keys, leave them out.
+_WRAPPER_HOPS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _without_wrapper_hops(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_HOPS)
+
+
+def _refuse_shards(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Raise if a tensor is only this rank's piece of a parameter: saving it would write a partial checkpoint
+    (HF peft users get empty adapter files under DeepSpeed ZeRO-3)."""
+    for key, tensor in tensors.items():
+        if type(tensor).__name__ == "DTensor":  # by name: torch.distributed may be absent from the build
+            raise CheckpointError(
+                f"Adapter {adapter_name!r}: {key} is sharded (a DTensor, e.g. under FSDP2 fully_shard); nothing was "
+                "written. Call peftkit.integrations.training.save_adapter(model, directory) on every rank, or pass "
+                "state_dict= a gathered full state dict."
+            )
+        # ZeRO-3 keeps the full size in ``ds_numel``; FSDP1's flat-parameter views of other ranks' shards are (0,).
+        partitioned = getattr(tensor, "ds_numel", tensor.numel()) != tensor.numel()
+        if tensor.is_meta or partitioned or (tensor.dim() == 1 and tensor.numel() == 0):
+            raise CheckpointError(
+                f"Adapter {adapter_name!r}: {key} holds no data on this rank (shape {tuple(tensor.shape)}: a meta "
+                "tensor, or a parameter sharded away by FSDP1 or DeepSpeed ZeRO-3); nothing was written. Gather the "
+                "weights first and pass them as state_dict= (see docs/training.md)."
+            )
 
 
 def get_peft_model(

@@ -69,6 +69,17 @@ class PeftMethod:
         return cls.config_class.peft_type
 
     @classmethod
+    def members(cls, config: PeftConfig) -> list[PeftConfig]:
+        """The configs an adapter of this method consists of: ``[config]``, or a composite's members. The core runs
+        each member's hooks on its own, all under the adapter's one name."""
+        return [config]
+
+    @classmethod
+    def with_members(cls, config: PeftConfig, members: list[PeftConfig]) -> PeftConfig:
+        """``config`` with its members replaced by completed ones (the same list ``members`` gave)."""
+        return members[0]
+
+    @classmethod
     def default_target_modules(cls, model: nn.Module) -> list[str] | None:
         """Targets used when the config gives none, or None when the architecture is unknown."""
         return None

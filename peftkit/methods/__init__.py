@@ -7,6 +7,7 @@ from peftkit.methods import (
     adapters,
     bitfit,
     bottleneck,
+    composite,
     fusion,
     ia3,
     lora,
@@ -18,6 +19,6 @@ from peftkit.methods import (
 )
 
 __all__ = [
-    "adalora", "adapters", "bitfit", "bottleneck", "fusion", "ia3", "lora", "p_tuning", "parallel_adapter",
-    "prefix_tuning", "prompt_learning", "prompt_tuning",
+    "adalora", "adapters", "bitfit", "bottleneck", "composite", "fusion", "ia3", "lora", "p_tuning",
+    "parallel_adapter", "prefix_tuning", "prompt_learning", "prompt_tuning",
 ]

@@ -387,7 +387,7 @@ class AdaLoraMethod(PeftMethod):
     def auxiliary_loss(cls, peft_model: nn.Module, adapter_name: str) -> torch.Tensor | None:
         """``γ · mean over P and Q matrices of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F`` (HF peft's formula: Frobenius norms,
         not squared, averaged over the 2·layers matrices); None for frozen adapters or γ = 0."""
-        config = peft_model.peft_config[adapter_name]
+        config = peft_model.member_config(adapter_name, cls)
         if config.inference_mode or config.orth_reg_weight == 0:
             return None
         terms = []

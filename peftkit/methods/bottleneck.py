@@ -275,7 +275,7 @@ class BottleneckMethodBase(PeftMethod):
     def before_forward(cls, peft_model: nn.Module, adapter_name: str) -> None:
         # Robust AdapterDrop draws k once per step here, not in the layers: every layer must see the same k, and
         # checkpointed recomputation (which re-runs the layers) must not redraw it.
-        config = peft_model.peft_config[adapter_name]
+        config = peft_model.member_config(adapter_name, cls)
         if not config.drop_lowest_layers:
             return
         k = int(torch.randint(0, config.drop_lowest_layers + 1, ())) if peft_model.training else 0

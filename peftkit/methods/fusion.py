@@ -174,7 +174,7 @@ class AdapterFusionMethod(PeftMethod):
 
     @classmethod
     def auxiliary_loss(cls, peft_model: nn.Module, adapter_name: str) -> torch.Tensor | None:
-        weight = peft_model.peft_config[adapter_name].value_reg_weight
+        weight = peft_model.member_config(adapter_name, cls).value_reg_weight
         return cls.fusion_regularization_loss(peft_model, adapter_name) if weight else None
 
     @classmethod

@@ -364,7 +364,7 @@ class PrefixTuning(PeftMethod):
         if router is None:
             yield
             return
-        router.state, offsets = _build_state(peft_model, adapter_names, call)
+        router.state, offsets = _build_state(peft_model, cls, adapter_names, call)
         if router.state is not None:
             _shift_positions(call, offsets)
         try:
@@ -377,11 +377,11 @@ class PrefixTuning(PeftMethod):
 
 
 def _build_state(
-    peft_model: Any, adapter_names: list[str], call: ForwardCall
+    peft_model: Any, method: type[PeftMethod], adapter_names: list[str], call: ForwardCall
 ) -> tuple[_PrefixState | None, torch.Tensor | None]:
     if not adapter_names:
         return None, None
-    modules = [peft_model.adapter_modules[name] for name in adapter_names]
+    modules = [peft_model.adapter_module(name, method) for name in adapter_names]
     rows = call.batch_adapter_names
     if rows is None:  # several active prefix adapters: their prefixes line up one after the other
         length = torch.tensor([sum(m.num_virtual_tokens for m in modules)])

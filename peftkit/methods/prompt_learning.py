@@ -262,7 +262,7 @@ class VirtualTokenMethod(PeftMethod):
     def virtual_token_ids(cls, peft_model: Any, adapter_name: str | None = None) -> torch.Tensor:
         """The ids of the (active) adapter's virtual tokens, for placing them in ``input_ids`` yourself."""
         name = adapter_name or peft_model.active_adapters[0]
-        module = peft_model.adapter_modules[name]
+        module = peft_model.adapter_module(name, cls)
         return virtual_token_ids(peft_model.get_base_model(), module.total_virtual_tokens)
 
     @classmethod
@@ -274,7 +274,7 @@ class VirtualTokenMethod(PeftMethod):
         """
         if reduce not in ("mean", "vote"):
             raise ValueError(f"reduce must be 'mean' or 'vote', got {reduce!r}.")
-        module = peft_model.adapter_modules[peft_model.active_adapters[0]]
+        module = peft_model.adapter_module(peft_model.active_adapters[0], cls)
         logits = peft_model(**inputs).logits
         prompts = getattr(module, "num_prompts", 1)
         logits = logits.view(-1, prompts, *logits.shape[1:])
@@ -296,7 +296,7 @@ class VirtualTokenMethod(PeftMethod):
                 f"Prompt adapters {adapter_names} are active together; a model runs one prompt at a time. "
                 "set_adapter one of them, or give each row its adapter with adapter_names=[...]."
             )
-        modules = {name: peft_model.adapter_modules[name] for name in adapter_names}
+        modules = {name: peft_model.adapter_module(name, cls) for name in adapter_names}
         try:
             if modules:
                 _PromptCall(router, modules, call).prepare()
