@@ -34,6 +34,7 @@ from peftkit.methods.p_tuning import PromptEncoderConfig, PTuningConfig
 from peftkit.methods.parallel_adapter import ParallelAdapterConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, PTuningV2Config
 from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.unipelt import UniPELTConfig
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "TargetModuleError",
+    "UniPELTConfig",
     "__version__",
     "get_peft_model",
     "prepare_model_for_kbit_training",

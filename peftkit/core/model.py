@@ -441,16 +441,21 @@ class PeftModel(nn.Module):
     def _check_mergeable(self, names: list[str]) -> None:
         for name in names:
             leaves = self._leaves(name)
-            refusing = [leaf.peft_type for method, leaf in leaves if not method.mergeable]
+            reasons = {leaf.peft_type: method.merge_blocker(leaf) for method, leaf in leaves}
+            refusing = {kind: why for kind, why in reasons.items() if why}
             if not refusing:
                 continue
             if len(leaves) == 1:
-                what = f"is {refusing[0]}, which cannot be merged into the base weights"
+                what = next(iter(refusing.values()))
             else:
-                mergeable = [leaf.peft_type for method, leaf in leaves if method.mergeable]
-                what = (f"is a {self.peft_config[name].peft_type} adapter whose member(s) {refusing} cannot be merged "
-                        f"into the base weights (mergeable: {mergeable or 'none'})")
-            raise NotMergeableError(f"Adapter {name!r} {what}; use unload() to remove it, or keep it unmerged.")
+                mergeable = [kind for kind, why in reasons.items() if not why]
+                kind = self.peft_config[name].peft_type
+                what = (f"it is a {kind} adapter whose member(s) {list(refusing)} cannot be merged "
+                        f"({'; '.join(refusing.values())}); mergeable: {mergeable or 'none'}")
+            raise NotMergeableError(
+                f"Adapter {name!r} cannot be merged into the base weights: {what}. Use unload() to remove it, or keep "
+                "it unmerged."
+            )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights; ``unmerge_adapter`` undoes it."""

@@ -69,6 +69,12 @@ class PeftMethod:
         return cls.config_class.peft_type
 
     @classmethod
+    def merge_blocker(cls, config: PeftConfig) -> str | None:
+        """Why an adapter with ``config`` cannot be merged into the base weights, or None when it can: the
+        ``mergeable`` flag, unless an option rules merging out (a gate)."""
+        return None if cls.mergeable else f"{config.peft_type} adapters compute on activations, not weights"
+
+    @classmethod
     def members(cls, config: PeftConfig) -> list[PeftConfig]:
         """The configs an adapter of this method consists of: ``[config]``, or a composite's members. The core runs
         each member's hooks on its own, all under the adapter's one name."""

@@ -97,6 +97,7 @@ class AdaLoraConfig(LoraConfig):
             (0 < self.beta1 < 1 and 0 < self.beta2 < 1, f"{n}.beta1 and beta2 must be in (0, 1)."),
             (self.orth_reg_weight >= 0, f"{n}.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}."),
             (self.bias == "none", f"{n}.bias={self.bias!r}: peftkit's AdaLoRA trains no biases; use 'none'."),
+            (self.gate is None, f"{n}.gate={self.gate!r}: gates are LoRA's (UniPELT); AdaLoRA has none, use None."),
             (self.rank_pattern is None or isinstance(self.rank_pattern, dict) and all(
                 isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in self.rank_pattern.values()),
              f"{n}.rank_pattern must be None or map '<module>.lora_E' to the booleans update_and_allocate writes."),

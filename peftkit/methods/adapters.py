@@ -72,6 +72,9 @@ class AdapterConfig(BottleneckConfigBase):
         drop_lowest_layers: Robust AdapterDrop: each training step (each ``PeftModel.forward`` in training mode)
             skips the adapters of the lowest k layers, k drawn uniformly from ``[0, drop_lowest_layers]`` (default 0:
             off). Keep it below the number of layers unless something else (a head) trains. Never drops in eval.
+        gate: None (default), ``"mean"`` or ``"token"``: multiply the adapter's output by UniPELT's learned gate
+            ``G(u) = σ(W_g u + b_g)`` of its input ``u`` (averaged over tokens, or per token). Left out of the saved
+            config when None.
 
     Raises:
         PeftConfigError: a field is out of range; the message names it.
@@ -112,7 +115,7 @@ class SerialAdapterLayer(BottleneckLayer):
         TargetModuleError: the hidden size cannot be read off the module (it holds no linear layer).
     """
 
-    adapter_param_names = ("adapter_down", "adapter_up", "adapter_fusion")
+    adapter_param_names = ("adapter_down", "adapter_up", "adapter_gate", "adapter_fusion")
     adapter_attr_names = (*BottleneckLayer.adapter_attr_names, "train_layer_norms")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterConfig, module_name: str) -> None:
@@ -194,7 +197,7 @@ class BottleneckMethod(BottleneckMethodBase):
     """Serial adapters: wraps each target in a :class:`SerialAdapterLayer`; Houlsby's layer norms train too."""
 
     layer_class = SerialAdapterLayer
-    model_api = ("set_skip_layers", "add_fusion")
+    model_api = ("set_skip_layers", "add_fusion", "gate_values")
 
     @classmethod
     def layer_for(cls, target: nn.Module, config: AdapterConfig, adapter_name: str, module_name: str) -> AdapterLayer:

@@ -4,7 +4,8 @@
 (:mod:`peftkit.methods.adapters`), the parallel one (:mod:`peftkit.methods.parallel_adapter`) and AdapterFusion
 (:mod:`peftkit.methods.fusion`) decide where it reads and writes. AdapterDrop (Rücklé et al. 2021,
 https://arxiv.org/abs/2010.11918) skips the adapters of chosen layers: ``set_skip_layers`` at inference, and a
-per-step random ``k`` in training (``BottleneckMethodBase.before_forward``).
+per-step random ``k`` in training (``BottleneckMethodBase.before_forward``). A config's ``gate`` multiplies each
+adapter's output by UniPELT's learned gate ``G(u)`` of its input (:mod:`peftkit.methods.gating`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from peftkit.core.layer import AdapterLayer, base_layer_of
 from peftkit.core.registry import PeftMethod
 from peftkit.core.targets import candidate_modules, is_linear_like
 from peftkit.integrations.transformers import model_type
+from peftkit.methods.gating import check_gate, gate, gate_values, new_gate, record, without_unset_gate
 
 __all__ = [
     "PLACEMENTS", "BottleneckConfigBase", "BottleneckLayer", "BottleneckMethodBase", "add_to_output",
@@ -84,6 +86,7 @@ class BottleneckConfigBase(TunerConfig):
     scaling: float = 1.0
     init_weights: bool | str = True
     drop_lowest_layers: int = 0
+    gate: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +103,10 @@ class BottleneckConfigBase(TunerConfig):
             raise PeftConfigError(f"{name}.init_weights={self.init_weights!r}; use one of {list(_INITS)}.")
         if not isinstance(self.drop_lowest_layers, int) or self.drop_lowest_layers < 0:
             raise PeftConfigError(f"{name}.drop_lowest_layers must be an int >= 0, got {self.drop_lowest_layers!r}.")
+        check_gate(name, self.gate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return without_unset_gate(super().to_dict())
 
     def bottleneck_size(self, hidden: int) -> int:
         return self.r if self.r is not None else max(1, int(hidden // self.reduction_factor))
@@ -146,19 +153,24 @@ def add_to_output(out: Any, delta: torch.Tensor) -> Any:
 class BottleneckLayer(AdapterLayer):
     """Per-adapter bottlenecks ``A(u) = s · (W_up f(W_down u + b_down) + b_up)`` and AdapterDrop state.
 
+    A gated adapter (config ``gate``) computes ``G(u) · A(u)``, ``G(u) = σ(W_g u + b_g)`` (``adapter_gate``, a
+    ``Linear(in, 1)``), averaged over tokens for ``"mean"`` (UniPELT).
+
     Shapes: ``u (..., in_features)`` → ``A(u) (..., out_features)``; ``W_down (m, in)``, ``W_up (out, m)``.
     Subclasses decide where ``A`` reads and writes. ``skipped`` (inference AdapterDrop) makes the layer the base
     module; ``drop_below[name] = k`` (robust AdapterDrop, training only) skips ``name`` when ``layer_idx < k``.
     """
 
-    adapter_param_names = ("adapter_down", "adapter_up")
-    adapter_attr_names = ("non_linearity", "adapter_dropout", "scaling", "drop_below")
+    adapter_param_names = ("adapter_down", "adapter_up", "adapter_gate")
+    adapter_attr_names = ("non_linearity", "adapter_dropout", "scaling", "drop_below", "gate_reduce", "gate_values")
     method_name = "Bottleneck adapter"
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, layer_idx: int | None) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features, self.layer_idx = in_features, out_features, layer_idx
-        self.adapter_down, self.adapter_up = nn.ModuleDict(), nn.ModuleDict()
+        self.adapter_down, self.adapter_up, self.adapter_gate = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.gate_reduce: dict[str, str] = {}
+        self.gate_values: dict[str, torch.Tensor] = {}  # the last forward's gates, for gate_values()
         self.non_linearity, self.adapter_dropout = nn.ModuleDict(), nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.drop_below: dict[str, int] = {}
@@ -189,6 +201,9 @@ class BottleneckLayer(AdapterLayer):
             dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
             for container in (self.adapter_down, self.adapter_up):
                 container[adapter_name].to(device=ref.device, dtype=dtype)
+        if config.gate is not None:
+            self.adapter_gate[adapter_name] = new_gate(self.in_features, like=self.adapter_down[adapter_name].weight)
+            self.gate_reduce[adapter_name] = config.gate
 
     def reset_adapter_parameters(self, adapter_name: str, init: bool | str) -> None:
         """``W_up = 0`` (He et al. 2022, AdapterHub "mam_adapter"): ``A = 0``, the model is unchanged at step 0."""
@@ -210,7 +225,12 @@ class BottleneckLayer(AdapterLayer):
     def bottleneck(self, adapter_name: str, u: torch.Tensor) -> torch.Tensor:
         down, up = self.adapter_down[adapter_name], self.adapter_up[adapter_name]
         hidden = self.non_linearity[adapter_name](down(u.to(down.weight.dtype)))  # (..., m)
-        return self.adapter_dropout[adapter_name](up(hidden) * self.scaling[adapter_name])  # (..., out)
+        out = up(hidden) * self.scaling[adapter_name]  # (..., out)
+        if adapter_name in self.adapter_gate:  # UniPELT: G(u) of the adapter's own input scales the branch
+            g = gate(self.adapter_gate[adapter_name], u, self.gate_reduce[adapter_name])
+            record(self.gate_values, adapter_name, g)
+            out = out * g
+        return self.adapter_dropout[adapter_name](out)
 
     def _delta(self, adapter_name: str, u: torch.Tensor) -> torch.Tensor:
         return self.bottleneck(adapter_name, u)
@@ -262,6 +282,8 @@ class BottleneckMethodBase(PeftMethod):
     """Hooks shared by serial and parallel adapters: placement defaults, AdapterDrop, not mergeable."""
 
     mergeable = False
+
+    gate_values = staticmethod(gate_values)  # model.gate_values(): the gates of the last forward call
 
     @classmethod
     def prepare_config(cls, model: nn.Module, config: PeftConfig) -> PeftConfig:

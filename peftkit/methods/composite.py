@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from peftkit.core.config import PeftConfig
 from peftkit.core.errors import PeftConfigError
 from peftkit.core.registry import PeftMethod, method_for, register
+from peftkit.methods.gating import gate_values
 from peftkit.methods.parallel_adapter import ParallelAdapterConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 
@@ -74,6 +75,8 @@ class CompositeConfig(PeftConfig):
 class Composite(PeftMethod):
     """A composite adapter's hooks are its members' (run by the core); it only names them."""
 
+    model_api = ("gate_values",)  # gated members (UniPELT)
+
     @classmethod
     def members(cls, config: PeftConfig) -> list[PeftConfig]:
         assert isinstance(config, CompositeConfig)
@@ -82,6 +85,8 @@ class Composite(PeftMethod):
     @classmethod
     def with_members(cls, config: PeftConfig, members: list[PeftConfig]) -> PeftConfig:
         return dataclasses.replace(config, members=list(members))
+
+    gate_values = staticmethod(gate_values)  # model.gate_values(): the gates of the last forward call
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,8 @@ Reference behaviour and checkpoint layout: Hugging Face peft (keys ``<path>.lora
     x ──► W0 (frozen) ──────────────┐
     └──► dropout ─► A (r×in) ─► B (out×r) ─► ·(α/r) ─► + ─► h
 
-Merging folds ``(α/r)·B A`` into ``W0``; after that the layer costs exactly the base layer.
+Merging folds ``(α/r)·B A`` into ``W0``; after that the layer costs exactly the base layer. With ``gate`` set
+(UniPELT, :mod:`peftkit.methods.gating`) a learned gate ``G(x)`` takes the place of ``α/r``; such a LoRA cannot merge.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.config import ANY_VALUE, TunerConfig
+from peftkit.core.config import ANY_VALUE, PeftConfig, TunerConfig
 from peftkit.core.errors import NotMergeableError, PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, base_layer_of
 from peftkit.core.registry import PeftMethod, register
 from peftkit.integrations.transformers import model_type
+from peftkit.methods.gating import check_gate, gate, gate_values, new_gate, record, without_unset_gate
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMethod"]
 
@@ -58,6 +60,12 @@ class LoraConfig(TunerConfig):
             (B random too, so the adapter changes the output at once; for tests).
         rank_pattern: ``{module name or regex: r}`` overriding ``r`` for matching modules.
         alpha_pattern: ``{module name or regex: alpha}`` overriding ``lora_alpha``.
+        gate: None (default), ``"mean"`` or ``"token"``: UniPELT's learned gate ``G(x) = σ(W_g x + b_g)`` (one per
+            example, averaged over tokens, or one per token) replaces ``α/r``: ``h = W0 x + G(x)·B A x``. Linear and
+            ``Conv1D`` layers only; a gated adapter cannot be merged. Left out of the saved config when None.
+
+    Raises:
+        PeftConfigError: a field is out of range; the message names it.
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -78,6 +86,7 @@ class LoraConfig(TunerConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    gate: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +104,10 @@ class LoraConfig(TunerConfig):
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
         if bad:
             raise PeftConfigError(f"LoraConfig.rank_pattern values must be positive integers, got {bad}.")
+        check_gate(type(self).__name__, self.gate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return without_unset_gate(super().to_dict())
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha for one module, after ``rank_pattern`` / ``alpha_pattern`` (HF's matching rule)."""
@@ -111,21 +124,25 @@ def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> 
 
 
 class LoraLayer(AdapterLayer):
-    """Shared bookkeeping of LoRA layers: per-adapter A, B, dropout and scale ``α/r`` (or ``α/√r``)."""
+    """Shared bookkeeping of LoRA layers: per-adapter A, B, dropout and scale ``α/r`` (or ``α/√r``), or the gate
+    ``G(x)`` (``lora_gate``, a ``Linear(in, 1)``) that replaces the scale of a gated adapter."""
 
-    adapter_param_names = ("lora_A", "lora_B")
-    adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling")
+    adapter_param_names = ("lora_A", "lora_B", "lora_gate")
+    adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling", "gate_reduce", "gate_values")
     method_name = "LoRA"
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer)
         self.module_name = module_name  # for error messages
         for attr in self.adapter_param_names:
-            setattr(self, attr, nn.ModuleDict() if attr in ("lora_A", "lora_B") else nn.ParameterDict())
+            setattr(self, attr, nn.ParameterDict() if attr.startswith("lora_embedding") else nn.ModuleDict())
+        self.lora_gate = nn.ModuleDict()  # gated adapters only (LoraMethod refuses gates on other than linears)
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.gate_reduce: dict[str, str] = {}
+        self.gate_values: dict[str, torch.Tensor] = {}  # the last forward's gates, for gate_values()
 
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
         raise NotImplementedError(f"{type(self).__name__} must define _make_pair (the A and B modules for rank r).")
@@ -144,6 +161,9 @@ class LoraLayer(AdapterLayer):
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         for container in (self.lora_A, self.lora_B):
             container[adapter_name].to(device=weight.device, dtype=dtype)
+        if config.gate is not None:
+            self.lora_gate[adapter_name] = new_gate(lora_a.weight.shape[1], like=lora_a.weight)
+            self.gate_reduce[adapter_name] = config.gate
 
     def reset_adapter_parameters(self, adapter_name: str, init: bool | str) -> None:
         """B = 0 so the delta is zero at step 0 (LoRA paper Sec. 4.1); A as in loralib / HF peft."""
@@ -161,7 +181,15 @@ class LoraLayer(AdapterLayer):
     def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         x = x.to(lora_a.weight.dtype)
-        return lora_b(lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+        return lora_b(lora_a(self.lora_dropout[name](x))) * self._scale(name, x)
+
+    def _scale(self, name: str, x: torch.Tensor) -> float | torch.Tensor:
+        """``α/r``, or a gated adapter's ``G(x)``: ``(B, 1, ..., 1)`` (``"mean"``) or ``(B, ..., 1)`` (``"token"``)."""
+        if name not in self.lora_gate:
+            return self.scaling[name]
+        g = gate(self.lora_gate[name], x, self.gate_reduce[name])
+        record(self.gate_values, name, g)
+        return g
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -197,6 +225,13 @@ class LoraLayer(AdapterLayer):
         ``h' + A(h')`` with ``h' = (W0 + B A) x``: a different function, so raise before anything is written.
         """
         names = self._to_merge(adapter_names)
+        gated = [n for n in names if n in self.lora_gate]
+        if gated:
+            raise NotMergeableError(
+                f"Cannot merge LoRA adapter(s) {gated} into {self.module_name or type(self).__name__}: they are gated "
+                f"(gate={self.gate_reduce[gated[0]]!r}, UniPELT), and h = W0 x + G(x)·B A x depends on the input "
+                "through G, so it has no weight form. Nothing was merged; keep them unmerged or unload()."
+            )
         inner = self.base_layer
         while names and isinstance(inner, AdapterLayer):
             # AdapterLayer's own delta_weight raises: the layer has no weight delta, it computes a function of the
@@ -243,6 +278,8 @@ class LoraLinear(LoraLayer):
         return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=False)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.lora_gate:
+            self._check_merge_path([adapter_name])  # raises: a gated update has no weight form
         dtype = self._delta_dtype()
         a, b = self.lora_A[adapter_name].weight.to(dtype), self.lora_B[adapter_name].weight.to(dtype)
         delta = (b @ a) * self.scaling[adapter_name]  # (out, in)
@@ -259,6 +296,9 @@ class LoraLinear(LoraLayer):
         out_shape = result.shape
         result = result.reshape(-1, self.out_features)
         for name in pending:
+            if name in self.lora_gate:  # G(x) per example or token replaces the constant scale addmm folds in
+                result = result + self._adapter_delta(name, x).reshape(result.shape).to(result.dtype)
+                continue
             lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
             hidden = F.linear(self.lora_dropout[name](x.to(lora_a.dtype)), lora_a).reshape(-1, lora_a.shape[0])
             # addmm adds B·hidden and applies the scale inside one GEMM, sparing two passes over the output.
@@ -273,6 +313,8 @@ class LoraLinear(LoraLayer):
         present = [n for n in dict.fromkeys(names) if n in self.r]
         if not present:
             return result
+        if any(n in self.lora_gate for n in present):  # gates read each row's own input: go row group by group
+            return super()._mixed_batch_forward(x, result)
         r_max = max(self.r[n] for n in present)
         dtype = self.lora_A[present[0]].weight.dtype
         a_stack = x.new_zeros((len(present) + 1, r_max, self.in_features), dtype=dtype)
@@ -356,7 +398,14 @@ class LoraConv(LoraLayer):
 class LoraMethod(PeftMethod):
     """Wraps linear, Conv1D, embedding and convolution layers with LoRA layers."""
 
+    @classmethod
+    def merge_blocker(cls, config: PeftConfig) -> str | None:
+        if getattr(config, "gate", None) is not None:
+            return f"a gated LoRA (gate={config.gate!r}) adds G(x)·BAx, which depends on the input, not a fixed delta"
+        return None
+
     layer_class = LoraLayer
+    model_api = ("gate_values",)
 
     @classmethod
     def default_target_modules(cls, model: nn.Module) -> list[str] | None:
@@ -365,6 +414,7 @@ class LoraMethod(PeftMethod):
     @classmethod
     def layer_for(cls, target: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> AdapterLayer:
         base = base_layer_of(target)
+        _check_gated_target(base, config, module_name)
         if type(base).__module__.startswith("bitsandbytes"):
             # Quantised layers subclass nn.Linear, so they are claimed before that branch; the integration (and
             # bitsandbytes) is imported only when such a layer is present.
@@ -386,6 +436,13 @@ class LoraMethod(PeftMethod):
         )
 
     @classmethod
+    def update_layer(cls, layer: AdapterLayer, config: LoraConfig, adapter_name: str, module_name: str) -> None:
+        _check_gated_target(layer.get_base_layer(), config, module_name)
+        super().update_layer(layer, config, adapter_name, module_name)
+
+    gate_values = staticmethod(gate_values)  # model.gate_values(): the gates of the last forward call
+
+    @classmethod
     def trainable_base_parameters(cls, model: nn.Module, config: LoraConfig) -> list[str]:
         if config.bias == "none":
             return []
@@ -401,6 +458,17 @@ class LoraMethod(PeftMethod):
                 path = module_name + (".base_layer" * _depth(module))
                 names.append(f"{path}.bias" if path else "bias")
         return sorted(set(names))
+
+
+def _check_gated_target(base: nn.Module, config: LoraConfig, module_name: str) -> None:
+    # The gate lives in LoraLayer's generic path; quantised layers, embeddings and convolutions have their own
+    # forward and merge code that would ignore it, so a gated adapter there is refused rather than run ungated.
+    plain = type(base) is nn.Linear or (type(base).__name__ == "Conv1D" and hasattr(base, "nf"))
+    if config.gate is not None and not plain:
+        raise TargetModuleError(
+            f"Gated LoRA (gate={config.gate!r}) wraps nn.Linear and transformers Conv1D layers only; {module_name} is "
+            f"{type(base).__name__}. Remove it from target_modules or use gate=None."
+        )
 
 
 def _depth(module: nn.Module) -> int:

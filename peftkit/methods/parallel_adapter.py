@@ -249,7 +249,7 @@ class ParallelAdapterMethod(BottleneckMethodBase):
     """Parallel adapters: wraps each target sub-layer in a :class:`ParallelAdapterLayer`."""
 
     layer_class = ParallelAdapterLayer
-    model_api = ("set_skip_layers",)
+    model_api = ("set_skip_layers", "gate_values")
 
     @classmethod
     def prepare_config(cls, model: nn.Module, config: PeftConfig) -> PeftConfig:

@@ -16,6 +16,10 @@ Positions: the real tokens of a decoder-only or encoder model take positions ``n
 were n earlier tokens, which is what HF peft's past-key-values route (and P-tuning v2's reference code) gives, so
 checkpoints give the same logits in both libraries. Encoder-decoder models keep their positions (T5's relative
 bias gives the prefix columns no bias).
+
+Gated prefixes (``gate``, UniPELT): ``P_K, P_V ← G(x)·P_K, G(x)·P_V`` with ``G(x) = σ(W_g x + b_g)`` of the attention
+module's input ``x``, one ``Linear(d, 1)`` per attention module. A forward pre-hook on each attention module (installed
+while a gated prefix is attached) computes the gate before the module's attention runs (:mod:`peftkit.methods.gating`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,21 @@ from torch import nn
 from peftkit.core.errors import PeftConfigError
 from peftkit.core.layer import AdapterModule
 from peftkit.core.registry import ForwardCall, PeftMethod, register
+from peftkit.core.targets import logical_name
 from peftkit.integrations.transformers import forward_position_ids
+from peftkit.methods.gating import (
+    GateGroup,
+    check_gate,
+    column_scale,
+    gate,
+    gate_values,
+    new_gate,
+    record,
+    row_gates,
+    span_gates,
+    token_gated_attention,
+    without_unset_gate,
+)
 from peftkit.methods.prompt_learning import PromptLearningConfig, accepts_input, model_dims
 
 __all__ = ["PrefixTuningConfig", "PTuningV2Config", "PrefixEncoder", "attention_modules"]
@@ -56,6 +74,9 @@ class PrefixTuningConfig(PromptLearningConfig):
         encoder_hidden_size: Hidden width of that MLP (None: ``token_dim``).
         init_weights: None (N(0, 1), as ``nn.Embedding``) or ``"zero"`` (zero prefixes, or a zero last MLP layer),
             HF peft's two options.
+        gate: None (default), ``"mean"`` or ``"token"``: scale each attention module's prefix keys and values by
+            UniPELT's learned gate ``G(x) = σ(W_g x + b_g)`` of the module's input (averaged over tokens, or per query
+            token). Left out of the saved config when None.
     """
 
     peft_type = "PREFIX_TUNING"
@@ -63,11 +84,16 @@ class PrefixTuningConfig(PromptLearningConfig):
     encoder_hidden_size: int | None = 512
     prefix_projection: bool = False
     init_weights: str | None = None
+    gate: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.init_weights not in (None, "zero"):
             raise PeftConfigError(f"init_weights={self.init_weights!r}; use None (random) or 'zero'.")
+        check_gate(type(self).__name__, self.gate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return without_unset_gate(super().to_dict())
 
 
 @dataclass(kw_only=True)
@@ -107,9 +133,12 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class PrefixEncoder(AdapterModule):
-    """Prefixes of every attention module: ``(n, slots · 2 · token_dim)``, or ``MLP(P′)`` with projection."""
+    """Prefixes of every attention module: ``(n, slots · 2 · token_dim)``, or ``MLP(P′)`` with projection; with a
+    gate, ``prefix_gate[i]`` (``Linear(hidden_size, 1)``, saved as ``prefix_gate.<i>.*``) of attention module ``i``.
+    """
 
-    def __init__(self, config: PrefixTuningConfig, slots: int, device: torch.device) -> None:
+    def __init__(self, config: PrefixTuningConfig, slots: int, device: torch.device, hidden_size: int | None = None
+                 ) -> None:
         super().__init__()
         self.num_virtual_tokens = config.num_virtual_tokens
         self.slots = slots
@@ -130,6 +159,20 @@ class PrefixEncoder(AdapterModule):
         if config.init_weights == "zero":
             for param in zeroed:
                 nn.init.zeros_(param)
+        self.gate_reduce = config.gate
+        self.prefix_gate: nn.ModuleList | None = None
+        if config.gate is not None:
+            like = self.embedding.weight
+            self.prefix_gate = nn.ModuleList(new_gate(hidden_size or config.token_dim, like) for _ in range(slots))
+        self.slot_names: list[str] = []
+        self.gate_values: dict[str, torch.Tensor] = {}  # the last forward's gates, for gate_values()
+
+    def gate(self, slot: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``G(x)`` of attention module ``slot`` from its input ``x (B, T, d)``: ``(B, 1, 1)`` or ``(B, T, 1)``."""
+        assert self.prefix_gate is not None and self.gate_reduce is not None
+        g = gate(self.prefix_gate[slot], hidden, self.gate_reduce)
+        record(self.gate_values, self.slot_names[slot] if self.slot_names else str(slot), g)
+        return g.reshape(g.shape[0], -1, 1)
 
     def prefix_table(self) -> torch.Tensor:
         table = self.embedding.weight
@@ -159,7 +202,10 @@ class PrefixEncoder(AdapterModule):
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {"prompt_embeddings": self.prefix_table()}
+            table = {"prompt_embeddings": self.prefix_table()}
+        if self.prefix_gate is not None:  # live parameters: loading copies into them
+            table.update({f"prefix_gate.{k}": v for k, v in self.prefix_gate.state_dict(keep_vars=True).items()})
+        return table
 
     def materialize(self) -> None:
         if self.transform is None:
@@ -180,10 +226,15 @@ class PrefixEncoder(AdapterModule):
                 "modules."
             )
         router.users += 1
+        self.slot_names = [logical_name(name) for name, _, _ in router.slots]
+        if self.prefix_gate is not None:
+            router.watch_inputs(+1)
 
     def detach(self, model: nn.Module) -> None:
         router = model.__dict__.get(_ROUTER_ATTR)
         if router is not None:
+            if self.prefix_gate is not None:
+                router.watch_inputs(-1)
             router.users -= 1
             if router.users == 0:
                 router.remove()
@@ -194,11 +245,14 @@ class PrefixEncoder(AdapterModule):
 class _PrefixState:
     slot: Callable[[int], torch.Tensor]  # slot index -> (rows or 1, 2, heads, n, head_dim)
     valid: torch.Tensor | None  # (rows, n) bool, None when every row sees the whole prefix
+    # (slot index, attention input (rows, T, d)) -> gated column groups; None when no gated prefix is in play
+    gates: Callable[[int, torch.Tensor], list[GateGroup]] | None = None
 
 
 class _Slot:
     def __init__(self, router: _PrefixRouter, index: int, name: str, config: Any, eager: Callable) -> None:
         self.router, self.index, self.name, self.config, self.eager = router, index, name, config, eager
+        self.gates: list[GateGroup] | None = None  # this call's gates, set by the router's input hook
 
     def implementation(self) -> Callable:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -226,6 +280,8 @@ class _PrefixRouter:
                 "Load it with attn_implementation='sdpa'."
             )
         self.users = 0
+        self.gate_users = 0
+        self.input_hooks: list[Any] = []
         self.state: _PrefixState | None = None
         self.slots: list[tuple[str, nn.Module, Any]] = []
         for index, (name, module) in enumerate(found):
@@ -239,7 +295,24 @@ class _PrefixRouter:
             module.__dict__["_peftkit_prefix_slot"] = _Slot(self, index, name, original, eager)
             self.slots.append((name, module, original))
 
+    def watch_inputs(self, change: int) -> None:
+        """Count gated prefixes; while there are any, a pre-hook on each attention module hands its input to them."""
+        self.gate_users += change
+        if self.gate_users > 0 and not self.input_hooks:
+            self.input_hooks = [module.register_forward_pre_hook(self._gate_inputs, with_kwargs=True)
+                                for _, module, _ in self.slots]
+        elif self.gate_users == 0:
+            for hook in self.input_hooks:
+                hook.remove()
+            self.input_hooks = []
+
+    def _gate_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        slot: _Slot = module.__dict__["_peftkit_prefix_slot"]
+        gates = None if self.state is None else self.state.gates
+        slot.gates = None if gates is None else gates(slot.index, args[0] if args else kwargs["hidden_states"])
+
     def remove(self) -> None:
+        self.watch_inputs(-self.gate_users)
         for _, module, original in self.slots:
             module.config = original
             module.__dict__.pop("_peftkit_prefix_slot", None)
@@ -278,6 +351,11 @@ def prefix_attention(
             f"with {key.shape[1]} heads of width {key.shape[3]}; set num_attention_heads and token_dim in the config."
         )
     n = prefix_k.shape[2]
+    groups = (slot.gates or []) if state.gates is not None else []  # set by the router's input hook this call
+    token_groups = [grp for grp in groups if grp[2].shape[1] > 1]  # per query: token_gated_attention below
+    if len(token_groups) < len(groups):  # a gate per row scales its columns of P_K and P_V
+        scale = column_scale([grp for grp in groups if grp[2].shape[1] == 1], n, prefix_k)  # (rows, n)
+        prefix_k, prefix_v = prefix_k * scale[:, None, :, None], prefix_v * scale[:, None, :, None]
     key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
     value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
     valid = None if state.valid is None else _rows(state.valid, rows)
@@ -287,6 +365,8 @@ def prefix_attention(
     attention_mask = _extend_mask(attention_mask, valid, rows, n, q_len, kv_len, causal, additive, query)
     if kwargs.get("position_bias") is not None:
         kwargs["position_bias"] = nn.functional.pad(kwargs["position_bias"], (n, 0))
+    if token_groups:
+        return token_gated_attention(attend, module, query, key, value, attention_mask, token_groups, args, kwargs)
     return attend(module, query, key, value, attention_mask, *args, **kwargs)
 
 
@@ -335,6 +415,7 @@ class PrefixTuning(PeftMethod):
     mergeable = False
     supports_mixed_batch = True
     checkpoint_prefix = "base_model."
+    model_api = ("gate_values",)
 
     @classmethod
     def prepare_config(cls, model: nn.Module, config: Any) -> Any:
@@ -355,7 +436,10 @@ class PrefixTuning(PeftMethod):
         model = peft_model.get_base_model()
         slots = len(attention_modules(model))
         device = next(model.parameters()).device
-        return PrefixEncoder(config, slots, device)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)  # the attention input's width
+        return PrefixEncoder(config, slots, device, hidden)
+
+    gate_values = staticmethod(gate_values)  # model.gate_values(): the gates of the last forward call
 
     @classmethod
     @contextlib.contextmanager
@@ -385,11 +469,12 @@ def _build_state(
     rows = call.batch_adapter_names
     if rows is None:  # several active prefix adapters: their prefixes line up one after the other
         length = torch.tensor([sum(m.num_virtual_tokens for m in modules)])
+        gates = span_gates(modules)
         if call.model.training and torch.is_grad_enabled():
             return _PrefixState(lambda i: torch.cat([m.slot_states(i) for m in modules], dim=2).unsqueeze(0),
-                                None), length
+                                None, gates), length
         states = torch.cat([m.prefix_states() for m in modules], dim=2)  # once per call, e.g. per generate
-        return _PrefixState(lambda i: states[2 * i:2 * i + 2].unsqueeze(0), None), length
+        return _PrefixState(lambda i: states[2 * i:2 * i + 2].unsqueeze(0), None, gates), length
     states = {name: module.prefix_states() for name, module in zip(adapter_names, modules)}
     width = max(s.shape[2] for s in states.values())
     template = next(iter(states.values()))
@@ -402,7 +487,9 @@ def _build_state(
             kv[row, :, :, width - n:] = states[name]
             valid[row, width - n:] = True
             lengths[row] = n
-    return _PrefixState(lambda i: kv[:, 2 * i:2 * i + 2], valid), lengths
+    gated = {name: m for name, m in zip(adapter_names, modules) if m.prefix_gate is not None}
+    gates = functools.partial(row_gates, gated, rows, width) if gated else None
+    return _PrefixState(lambda i: kv[:, 2 * i:2 * i + 2], valid, gates), lengths
 
 
 def _shift_positions(call: ForwardCall, offsets: torch.Tensor) -> None:
@@ -432,7 +519,8 @@ def _shift_positions(call: ForwardCall, offsets: torch.Tensor) -> None:
             aware = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
             positions = torch.where(offsets > 0, aware, positions)
     shift = offsets if counted is None else offsets * counted
-    kwargs["position_ids"] = positions + shift
+    # One row per input row: generate repeats them for beams and would otherwise keep a single row.
+    kwargs["position_ids"] = (positions + shift).expand(inputs.shape[0], -1).contiguous()
 
 
 @register(PTuningV2Config)
