@@ -1,0 +1,252 @@
+"""Saving and loading adapters: the checkpoint half of ``PeftModel``, kept in its own file.
+
+Delta-only checkpoints in HF peft's layout (see :mod:`peftkit.core.checkpoint` for the files themselves): keys are
+the adapter tensors of every layer under the wrapped module's name, base parameters a method trains, and the
+``checkpoint_tensors`` of the adapter's module. Loading validates everything before it writes anything and leaves
+the model as it was on any error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from peftkit.core import checkpoint as ckpt
+from peftkit.core.config import PeftConfig
+from peftkit.core.errors import CheckpointError, PeftConfigError
+from peftkit.core.registry import method_for
+from peftkit.core.targets import logical_name
+
+if TYPE_CHECKING:
+    from peftkit.core.model import PeftModel
+
+__all__ = ["AdapterCheckpoints"]
+
+
+class AdapterCheckpoints:
+    """``PeftModel``'s checkpoint methods (HF peft's names): state dicts, ``save_pretrained``, ``from_pretrained``,
+    ``load_adapter``, ``hotswap_adapter``."""
+
+    def get_adapter_state_dict(self, adapter_name: str, live: bool = False) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed as in the checkpoint (``base_model.model.<path>...``)."""
+        self._check_known([adapter_name])
+        out = self._adapter_tensors(adapter_name, materialize=live)
+        return out if live else {k: v.detach() for k, v in out.items()}
+
+    def _adapter_tensors(self, adapter_name: str, materialize: bool) -> dict[str, torch.Tensor]:
+        """The live tensors (the parameter objects themselves) behind ``get_adapter_state_dict``."""
+        config = self.peft_config[adapter_name]
+        method = method_for(config)
+        prefix = method.checkpoint_prefix
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self._layers():
+            # Keys use the wrapped module's name, so they do not depend on which other layers nest around it.
+            path = _without_wrapper_hops(logical_name(path))
+            for key, tensor in layer.adapter_tensors(adapter_name).items():
+                out[f"{prefix}{path}.{key}"] = tensor
+        model = self.base_model.model
+        for leaf_method, leaf in self._leaves(adapter_name):
+            for name in leaf_method.trainable_base_parameters(model, leaf):
+                out[prefix + name] = model.get_parameter(name)
+        if adapter_name in self.adapter_modules:
+            if materialize:  # a checkpoint holds the module's inference form; loading goes into that form
+                self.adapter_modules[adapter_name].materialize()
+            out.update(self.adapter_modules[adapter_name].checkpoint_tensors())
+        return out
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        The "default" adapter goes into ``save_directory``, others into ``save_directory/<name>`` (HF layout).
+
+        Args:
+            is_main_process: False on the ranks of a distributed run that must not write (HF's argument).
+            state_dict: A full model state dict gathered elsewhere, keyed like ``self.state_dict()`` (FSDP's
+                ``FULL_STATE_DICT``, DeepSpeed ZeRO-3's consolidated weights); adapter tensors are read from it
+                instead of from the live parameters, which may be shards.
+
+        Raises:
+            CheckpointError: an adapter tensor is a shard (a DTensor, or the empty placeholder FSDP1 and ZeRO-3
+                leave on a rank); writing it would give an empty or partial checkpoint. Nothing is written.
+        """
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("peftkit writes safetensors only; drop safe_serialization=False.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self._check_known(names)
+        if not is_main_process:
+            return
+        if state_dict is None and any(type(m).__name__ == "FullyShardedDataParallel" for m in self.modules()):
+            raise CheckpointError(
+                "The model holds FSDP1 (FullyShardedDataParallel) units whose parameters are flattened shards outside "
+                "forward; nothing was written. Call peftkit.integrations.training.save_adapter(model, directory) on "
+                "every rank, or pass a gathered state_dict=."
+            )
+        by_id = None
+        if state_dict is not None:  # named_parameters, not state_dict(): FSDP's state-dict hooks may communicate
+            named = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+            by_id = {id(t): _without_wrapper_hops(n) for n, t in named}
+        for name in names:
+            tensors = self._adapter_tensors(name, materialize=False)
+            if by_id is not None:  # the gathered copy of each parameter, found through the live parameter's name
+                tensors = {k: state_dict.get(by_id.get(id(t), ""), t) for k, t in tensors.items()}
+            _refuse_shards(tensors, name)
+            directory = os.path.join(save_directory, "" if name == "default" else name)
+            config = self.peft_config[name]
+            base_name = config.base_model_name_or_path or getattr(getattr(self, "config", None), "name_or_path", None)
+            saved = dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name or None)
+            ckpt.write_adapter_files(directory, {k: v.detach() for k, v in tensors.items()}, saved.to_json_string())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load a saved adapter onto ``model``. On any error ``model`` is left exactly as it was.
+
+        Raises:
+            PeftConfigError, CheckpointError: missing, corrupt or ill-fitting files; the message lists every
+                problem found.
+        """
+        model_id = os.fspath(model_id)
+        subfolder = kwargs.get("subfolder")
+        directory = os.path.join(model_id, subfolder) if subfolder else model_id
+        config = config or PeftConfig.from_pretrained(directory)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        weights = ckpt.read_adapter_weights(directory)
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_model._load_weights(adapter_name, weights, directory)
+        except BaseException:
+            peft_model.unload()
+            raise
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> None:
+        """Load a saved adapter next to the ones present (inactive until ``set_adapter``)."""
+        directory = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
+        config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
+        weights = ckpt.read_adapter_weights(directory)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(adapter_name, weights, directory)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        self.set_adapter(self._active or [adapter_name])
+
+    def hotswap_adapter(self, model_id: str | os.PathLike, adapter_name: str = "default", **kwargs: Any) -> None:
+        """Overwrite the weights of the loaded adapter ``adapter_name`` in place with those saved in ``model_id``.
+
+        The parameters stay the same objects, so an optimizer, a DDP or FSDP wrapper and a ``torch.compile``d
+        model keep working, and nothing recompiles. The saved config must equal the loaded one except for
+        ``inference_mode`` and ``base_model_name_or_path`` (same targets, ranks, scales); HF peft's
+        ``peft.utils.hotswap.hotswap_adapter`` does the same. Fields that only pick initial values (``init_*``,
+        ``*_init``) may differ: the loaded weights replace them.
+
+        Raises:
+            AdapterNotFoundError: ``adapter_name`` is not loaded (use ``load_adapter`` to add it).
+            PeftConfigError, CheckpointError: the saved adapter differs in config or shapes; nothing changes.
+        """
+        self._check_known([adapter_name])
+        directory = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
+        saved, weights = PeftConfig.from_pretrained(directory), ckpt.read_adapter_weights(directory)
+        ours, theirs = self.peft_config[adapter_name].to_dict(), saved.to_dict()
+        differ = sorted(
+            k for k in ours.keys() | theirs.keys()
+            if not _HOTSWAP_IGNORED.search(k) and ours.get(k) != theirs.get(k)
+        )
+        if differ:
+            raise PeftConfigError(
+                f"Cannot hot-swap {directory!r} into adapter {adapter_name!r}: the configs differ in {differ}. "
+                "Load it under a new name with load_adapter instead."
+            )
+        self._load_weights(adapter_name, weights, directory)
+
+    def _base_overrides(self, keys: list[str]) -> dict[str, nn.Parameter]:
+        """Checkpoint keys naming base parameters of wrapped modules, e.g. the full embedding matrix HF peft saves
+        with ``save_embedding_layers`` (new tokens); they are loaded into the base, and ``unload()`` restores it."""
+        model, layer_paths = self.base_model.model, {path for path, _ in self._layers()}
+        found = {}
+        for key in keys:
+            name = key[len(ckpt.KEY_PREFIX):] if key.startswith(ckpt.KEY_PREFIX) else key
+            owner, sep, _ = name.partition(".base_layer.")
+            if sep and owner in layer_paths:
+                with contextlib.suppress(AttributeError):
+                    found[key] = model.get_parameter(name)
+        return found
+
+    def _load_weights(self, adapter_name: str, weights: dict[str, torch.Tensor], where: str) -> None:
+        expected = self.get_adapter_state_dict(adapter_name, live=True)
+        overrides = self._base_overrides([k for k in weights if k not in expected])
+        expected_all = {**expected, **overrides}
+        on_meta = sorted(k for k, t in expected_all.items() if t.is_meta)
+        if on_meta:  # copy_ into a meta tensor is a silent no-op: the adapter would keep no weights
+            raise CheckpointError(
+                f"{len(on_meta)} adapter tensor(s) are on the meta device (e.g. {on_meta[0]}); nothing was loaded. "
+                "Give the model real storage first: peftkit.integrations.training.materialize_meta_tensors(model)."
+            )
+        problems = ckpt.check_against_model(weights, expected_all, where)
+        if problems:
+            raise CheckpointError(
+                f"The checkpoint in {where!r} does not fit this model ({len(problems)} problem(s)); nothing was "
+                "loaded:\n  - " + "\n  - ".join(problems)
+            )
+        with torch.no_grad():
+            for key, target in expected_all.items():
+                if key in overrides:
+                    self._base_snapshot.setdefault(key[len(ckpt.KEY_PREFIX):], target.detach().clone())
+                target.copy_(weights[key].to(dtype=target.dtype, device=target.device))
+
+
+# Config fields a hot-swap may change: bookkeeping, and the choice of initial values the loaded weights replace.
+
+
+_HOTSWAP_IGNORED = re.compile(r"^(inference_mode|base_model_name_or_path)$|(^|_)init($|_)")
+
+# Module names torch's wrappers insert (FSDP1 units, activation-checkpoint wrappers); their state dicts, and
+# peftkit's checkpoint keys, leave them out.
+_WRAPPER_HOPS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _without_wrapper_hops(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_HOPS)
+
+
+def _refuse_shards(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Raise if a tensor is only this rank's piece of a parameter: saving it would write a partial checkpoint
+    (HF peft users get empty adapter files under DeepSpeed ZeRO-3)."""
+    for key, tensor in tensors.items():
+        if type(tensor).__name__ == "DTensor":  # by name: torch.distributed may be absent from the build
+            raise CheckpointError(
+                f"Adapter {adapter_name!r}: {key} is sharded (a DTensor, e.g. under FSDP2 fully_shard); nothing was "
+                "written. Call peftkit.integrations.training.save_adapter(model, directory) on every rank, or pass "
+                "state_dict= a gathered full state dict."
+            )
+        # ZeRO-3 keeps the full size in ``ds_numel``; FSDP1's flat-parameter views of other ranks' shards are (0,).
+        partitioned = getattr(tensor, "ds_numel", tensor.numel()) != tensor.numel()
+        if tensor.is_meta or partitioned or (tensor.dim() == 1 and tensor.numel() == 0):
+            raise CheckpointError(
+                f"Adapter {adapter_name!r}: {key} holds no data on this rank (shape {tuple(tensor.shape)}: a meta "
+                "tensor, or a parameter sharded away by FSDP1 or DeepSpeed ZeRO-3); nothing was written. Gather the "
+                "weights first and pass them as state_dict= (see docs/training.md)."
+            )
