@@ -150,6 +150,13 @@ def add_to_output(out: Any, delta: torch.Tensor) -> Any:
 
 
 # ---- layers --------------------------------------------------------------------------------------------------------
+def refuse_merge(layer: AdapterLayer, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+    """``check_merge``/``merge`` of layers that compute a nonlinear function of the activations: nothing can be
+    folded into a weight."""
+    if layer._to_merge(adapter_names):
+        raise NotMergeableError(f"{layer.method_name}s cannot be merged into weights; keep them or unload().")
+
+
 class BottleneckLayer(AdapterLayer):
     """Per-adapter bottlenecks ``A(u) = s · (W_up f(W_down u + b_down) + b_up)`` and AdapterDrop state.
 
@@ -253,13 +260,8 @@ class BottleneckLayer(AdapterLayer):
                 delta = delta.index_add(0, rows, self._delta(name, u[rows]).to(delta.dtype))
         return delta
 
-    # Adapters compute a nonlinear function of the activations: nothing can be folded into a weight.
-    def check_merge(self, adapter_names: list[str] | None = None) -> None:
-        if self._to_merge(adapter_names):
-            raise NotMergeableError(f"{self.method_name}s cannot be merged into weights; keep them or unload().")
-
-    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
-        self.check_merge(adapter_names)
+    check_merge = refuse_merge
+    merge = refuse_merge
 
     def unmerge(self) -> None:
         return None

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from peftkit.core.config import PeftConfig
-from peftkit.core.errors import NotMergeableError, PeftConfigError, TargetModuleError
+from peftkit.core.errors import PeftConfigError, TargetModuleError
 from peftkit.core.inject import replace_module
 from peftkit.core.layer import AdapterLayer, base_layer_of
 from peftkit.core.registry import register
@@ -40,6 +40,7 @@ from peftkit.methods.bottleneck import (
     first_input,
     linear_sizes,
     placement_key,
+    refuse_merge,
 )
 
 __all__ = ["ParallelAdapterConfig", "ParallelAdapterLayer", "ParallelAdapterTap", "ParallelAdapterMethod"]
@@ -233,12 +234,8 @@ class ParallelAdapterTap(AdapterLayer):
         return out if delta is None else add_to_output(out, delta)
 
     # Like the owner's adapters: a nonlinear function of the activations, never folded into a weight.
-    def check_merge(self, adapter_names: list[str] | None = None) -> None:
-        if self._to_merge(adapter_names):
-            raise NotMergeableError(f"{self.method_name}s cannot be merged into weights; keep them or unload().")
-
-    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
-        self.check_merge(adapter_names)
+    check_merge = refuse_merge
+    merge = refuse_merge
 
     def unmerge(self) -> None:
         return None

@@ -55,7 +55,13 @@ from peftkit.methods.gating import (
     token_gated_attention,
     without_unset_gate,
 )
-from peftkit.methods.prompt_learning import PromptLearningConfig, accepts_input, model_dims
+from peftkit.methods.prompt_learning import (
+    PromptLearningConfig,
+    accepts_input,
+    acquire_router,
+    model_dims,
+    release_router,
+)
 
 __all__ = ["PrefixTuningConfig", "PTuningV2Config", "PrefixEncoder", "attention_modules"]
 
@@ -216,29 +222,22 @@ class PrefixEncoder(AdapterModule):
         self.transform = None
 
     def attach(self, model: nn.Module) -> None:
-        router = model.__dict__.get(_ROUTER_ATTR)
-        if router is None:
-            router = _PrefixRouter(model)
-            model.__dict__[_ROUTER_ATTR] = router
+        router = acquire_router(model, _ROUTER_ATTR, _PrefixRouter)
         if len(router.slots) != self.slots:
+            release_router(model, _ROUTER_ATTR)
             raise PeftConfigError(
                 f"The prefix has {self.slots} attention slots but the model has {len(router.slots)} attention "
                 "modules."
             )
-        router.users += 1
         self.slot_names = [logical_name(name) for name, _, _ in router.slots]
         if self.prefix_gate is not None:
             router.watch_inputs(+1)
 
     def detach(self, model: nn.Module) -> None:
         router = model.__dict__.get(_ROUTER_ATTR)
-        if router is not None:
-            if self.prefix_gate is not None:
-                router.watch_inputs(-1)
-            router.users -= 1
-            if router.users == 0:
-                router.remove()
-                del model.__dict__[_ROUTER_ATTR]
+        if router is not None and self.prefix_gate is not None:
+            router.watch_inputs(-1)
+        release_router(model, _ROUTER_ATTR)
 
 
 @dataclass

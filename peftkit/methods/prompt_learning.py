@@ -33,6 +33,8 @@ __all__ = [
     "virtual_token_ids",
     "model_dims",
     "accepts_input",
+    "acquire_router",
+    "release_router",
 ]
 
 _ROUTER_ATTR = "_peftkit_virtual_tokens"
@@ -146,19 +148,31 @@ class VirtualTokenModule(AdapterModule):
         raise NotImplementedError(f"{type(self).__name__} must define prompt_table.")
 
     def attach(self, model: nn.Module) -> None:
-        router = model.__dict__.get(_ROUTER_ATTR)
-        if router is None:
-            router = _VirtualTokenRouter(model)
-            model.__dict__[_ROUTER_ATTR] = router
-        router.users += 1
+        acquire_router(model, _ROUTER_ATTR, _VirtualTokenRouter)
 
     def detach(self, model: nn.Module) -> None:
-        router = model.__dict__.get(_ROUTER_ATTR)
-        if router is not None:
-            router.users -= 1
-            if router.users == 0:
-                router.remove()
-                del model.__dict__[_ROUTER_ATTR]
+        release_router(model, _ROUTER_ATTR)
+
+
+def acquire_router(model: nn.Module, attr: str, build: Any) -> Any:
+    """The model's shared router of one kind (hooks every adapter of the family uses), built by the first adapter
+    and counted, so the last one to leave removes the hooks (``release_router``). Kept in ``model.__dict__``: a
+    plain attribute, not a submodule, so the model's module tree and state dict do not change."""
+    router = model.__dict__.get(attr)
+    if router is None:
+        router = build(model)
+        model.__dict__[attr] = router
+    router.users += 1
+    return router
+
+
+def release_router(model: nn.Module, attr: str) -> None:
+    router = model.__dict__.get(attr)
+    if router is not None:
+        router.users -= 1
+        if router.users == 0:
+            router.remove()
+            del model.__dict__[attr]
 
 
 class _VirtualTokenRouter:
