@@ -7,6 +7,7 @@ adapter leaves the outputs unchanged, or None when the method has no such init.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,12 +17,14 @@ from peftkit import (
     BitFitConfig,
     IA3Config,
     LoraConfig,
+    MAMConfig,
     ParallelAdapterConfig,
     PeftConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
     PTuningV2Config,
+    UniPELTConfig,
 )
 
 
@@ -101,6 +104,25 @@ def _input_prompt_case(case_id: str, model: str, cls: type[PeftConfig], **kw) ->
     return _prompt_case(case_id, model, cls, loss_ratio=ratio, constant_labels=True, **kw)
 
 
+def _acting_member(member: PeftConfig) -> PeftConfig:
+    if isinstance(member, LoraConfig):
+        return dataclasses.replace(member, init_lora_weights=False)
+    if isinstance(member, (AdapterConfig, ParallelAdapterConfig)):
+        return dataclasses.replace(member, init_weights=False)
+    return member
+
+
+def _composite_case(case_id: str, model: str, cls: type[PeftConfig], **kw) -> MethodCase:
+    # LoRA and adapter members get their random (acting) inits, so every member's routing is checked, not only the
+    # prefix's; the prefix leaves no zero init and nothing merges (prefixes, gated LoRA). Prefix, LoRA and adapter
+    # together move the loss at LoRA's rate; the prompt rows' 3e-2 makes tiny BERT's loss oscillate back up.
+    def config() -> PeftConfig:
+        composite = cls(task_type=_PROMPT_TASKS[model], **kw)
+        return dataclasses.replace(composite, members=[_acting_member(m) for m in composite.members])
+
+    return MethodCase(case_id, model, config, mergeable=False)
+
+
 METHOD_CASES: list[MethodCase] = [
     _lora_case("lora-gpt2-default-targets", "gpt2", r=4, lora_alpha=8),
     _lora_case("lora-gpt2-all-linear-dropout", "gpt2", r=4, target_modules="all-linear", lora_dropout=0.1),
@@ -162,4 +184,12 @@ METHOD_CASES: list[MethodCase] = [
     _input_prompt_case("prompt-encoder-gpt2-mlp", "gpt2", PromptEncoderConfig, lr=0.1, encoder_hidden_size=16),
     _input_prompt_case("prompt-encoder-llama-lstm", "llama", PromptEncoderConfig, lr=0.1,
                        encoder_reparameterization_type="LSTM", encoder_hidden_size=16),
+    _composite_case("mam-gpt2", "gpt2", MAMConfig, num_virtual_tokens=4, prefix_hidden_size=16, ffn_r=8),
+    _composite_case("mam-bert-seqcls", "bert", MAMConfig, num_virtual_tokens=4, prefix_hidden_size=16, ffn_r=8),
+    _composite_case("unipelt-gpt2", "gpt2", UniPELTConfig, r=4, num_virtual_tokens=4, prefix_hidden_size=16,
+                    reduction_factor=4),
+    _composite_case("unipelt-bert-seqcls", "bert", UniPELTConfig, r=4, num_virtual_tokens=4, prefix_hidden_size=16,
+                    reduction_factor=4),
+    _composite_case("unipelt-gpt2-token-gates", "gpt2", UniPELTConfig, r=4, num_virtual_tokens=4,
+                    prefix_hidden_size=16, reduction_factor=4, gate_reduce="token"),
 ]
