@@ -6,7 +6,7 @@ sentences, 500 validation sentences carved out of the training split (250 per cl
 1,000 balanced test sentences for the reported accuracy.
 
 Protocol
-* Budget: ``--steps`` optimizer steps of 32 sentences (default 64: 2,048 sentences, 0.8 of a pass), in
+* Budget: ``--steps`` optimizer steps of 32 sentences (default 56: 1,792 sentences, 0.7 of a pass), in
   length-grouped batches whose order depends on the seed. AdamW (weight decay 0.01), one learning rate for
   every trainable parameter (the new head included), 10 % linear warm-up then linear decay to zero, gradient
   norm clipped at 1.0.
@@ -18,9 +18,10 @@ Protocol
 
 Columns
 * trainable %: parameters that receive gradients over the base model's parameter count (fp32, head included).
-* changed %: share of the base model's weight entries that differ after ``merge_and_unload`` (for QLoRA, with
-  ``dequantize=True``, against the dequantised base), i.e. what a merged deployment rewrites. Methods that cannot
-  merge leave the base untouched and add modules: 0, marked "adds".
+* changed %: the survey's "changed parameters" (Lialin et al. 2023: what differs between the tuned model and the
+  original), measured two ways. stored: tensor entries in the saved checkpoint (the adapter in inference form,
+  so a training-only reparametrisation is not counted, plus the head). merged, for methods that merge: entries of
+  the base weights that ``merge_and_unload`` rewrites (QLoRA: ``dequantize=True``, against the dequantised base).
 * checkpoint: bytes of ``adapter_model.safetensors`` (full fine-tuning: the whole ``model.safetensors``).
 * peak train MB: peak resident memory (VmHWM) of a fresh process over 3 training steps on the longest batch
   (32 x 64 tokens), after the model is built: model, activations, gradients, AdamW state, runtime.
@@ -231,10 +232,18 @@ def train(model: nn.Module, method: Method, data: Data, steps: int, lr: float, s
 
 # ---- measurements ---------------------------------------------------------------------------------------------
 
-def checkpoint_bytes(model: nn.Module) -> int:
+def checkpoint_stats(model: nn.Module) -> tuple[int, int]:
+    """Bytes and tensor entries of the saved checkpoint."""
+    from safetensors import safe_open
+
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        return sum(f.stat().st_size for f in pathlib.Path(tmp).rglob("*.safetensors"))
+        files = list(pathlib.Path(tmp).rglob("*.safetensors"))
+        entries = 0
+        for path in files:
+            with safe_open(path, "pt") as f:
+                entries += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return sum(f.stat().st_size for f in files), entries
 
 
 def changed_entries(model: nn.Module, initial: dict[str, torch.Tensor] | None) -> int | None:
@@ -370,7 +379,7 @@ def run_method(method: Method, data: Data, args: argparse.Namespace, base_params
     rates = [r["lr"] for r in sweep]
     test_acc = [evaluate(best_model, data, data.test)]
     n_train = sum(p.numel() for p in trainable(best_model))
-    ckpt = checkpoint_bytes(best_model)
+    ckpt, stored = checkpoint_stats(best_model)
     changed = changed_entries(best_model, best_initial)
     del best_model, best_initial
     for seed in range(1, args.seeds):
@@ -385,7 +394,8 @@ def run_method(method: Method, data: Data, args: argparse.Namespace, base_params
                 sweep=sweep, test_acc=test_acc, acc_mean=statistics.mean(test_acc),
                 acc_std=statistics.stdev(test_acc) if len(test_acc) > 1 else 0.0,
                 trainable=n_train, trainable_pct=100 * n_train / base_params, checkpoint_bytes=ckpt,
-                changed_pct=None if changed is None else 100 * changed / base_params)
+                stored_pct=100 * stored / base_params,
+                merged_changed_pct=None if changed is None else 100 * changed / base_params)
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -395,11 +405,12 @@ def size(n: int) -> str:
 
 
 def table(rows: list[dict[str, Any]], seeds: int) -> str:
-    head = ("| method | trainable % | changed % | checkpoint | peak train MB | step ms | infer x | lr | "
-            f"test acc (mean ± std, {seeds} seed{'s' if seeds > 1 else ''}) |")
+    head = ("| method | trainable % | changed % (stored / merged) | checkpoint | peak train MB | step ms | infer x "
+            f"| lr | test acc (mean ± std, {seeds} seed{'s' if seeds > 1 else ''}) |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        changed = "0 (adds)" if r["changed_pct"] is None else f"{r['changed_pct']:.2f}"
+        merged = r["merged_changed_pct"]
+        changed = f"{r['stored_pct']:.3f}" + ("" if merged is None else f" / {merged:.2f}")
         lr = f"{r['lr']:g}" + (" (edge)" if r["lr_at_edge"] else "")
         lines.append(f"| {r['method']} | {r['trainable_pct']:.3f} | {changed} | {size(r['checkpoint_bytes'])} | "
                      f"{r['peak_mb']:.0f} | {r['step_ms']:.0f} | {r['infer_x']:.2f} | {lr} | "
@@ -443,10 +454,10 @@ def report(rows: list[dict[str, Any]], settings: dict[str, Any], stem: pathlib.P
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="24 steps, middle rate, one seed, 200 test sentences")
-    ap.add_argument("--steps", type=int, help="optimizer steps per run (default 64; quick 24)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run (default 56; quick 24)")
     ap.add_argument("--seeds", type=int, help="seeds per method (default 3; quick 1)")
     ap.add_argument("--methods", nargs="+", choices=list(BY_NAME), metavar="NAME", help="a subset, by name")
-    ap.add_argument("--repeats", type=int, help="timed rounds for step and inference times (default 7; quick 3)")
+    ap.add_argument("--repeats", type=int, help="timed rounds for step and inference times (default 5; quick 3)")
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="redo a timing round when other processes took more than this share of the CPU")
     ap.add_argument("--threads", type=int, default=2)
@@ -455,9 +466,9 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true", help="only rewrite the table and plot from --out's JSON")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.steps = args.steps or (24 if args.quick else 64)
+    args.steps = args.steps or (24 if args.quick else 56)
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.repeats = args.repeats or (3 if args.quick else 5)
 
     from transformers import logging as hf_logging
 

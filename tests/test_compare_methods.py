@@ -66,3 +66,10 @@ def test_batches_are_seeded_and_fill_the_budget() -> None:
     assert len(first) == 7 and all(len(b) == compare.BATCH and len(set(b)) == compare.BATCH for b in first)
     # 100 sentences give 3 full batches per pass: the budget wraps into new passes instead of stopping short.
     assert sorted(i for b in first[:3] for i in b) == sorted(set(i for b in first[:3] for i in b))
+
+
+def test_next_rate_walks_the_1_3_10_grid_the_methods_use() -> None:
+    assert [compare.next_rate(r, up=True) for r in (3e-5, 1e-4, 3e-3)] == [1e-4, 3e-4, 1e-2]
+    assert [compare.next_rate(r, up=False) for r in (3e-5, 1e-4, 3e-3)] == [1e-5, 3e-5, 1e-3]
+    for method in compare.METHODS:  # every grid lies on it, so an extension continues the grid's own spacing
+        assert all(compare.next_rate(lo, up=True) == hi for lo, hi in zip(method.grid, method.grid[1:]))
