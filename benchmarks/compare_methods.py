@@ -215,11 +215,22 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, enc: Any, labels: t
     return loss.item()
 
 
-def train(model: nn.Module, method: Method, data: Data, steps: int, lr: float, seed: int) -> list[float]:
+def param_groups(model: nn.Module, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+    """One group at ``lr``; with ``head_lr``, the classifier head (or its trained copy) in a group of its own."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if head_lr is None:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    head = [p for n, p in named if ".classifier." in f".{n}"]
+    rest = [p for n, p in named if ".classifier." not in f".{n}"]
+    return [{"params": rest, "lr": lr}, {"params": head, "lr": head_lr}]
+
+
+def train(model: nn.Module, method: Method, data: Data, steps: int, lr: float, seed: int,
+          head_lr: float | None = None) -> list[float]:
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)  # dropout
-    opt = torch.optim.AdamW(trainable(model), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(param_groups(model, lr, head_lr), weight_decay=0.01)
     sched = get_linear_schedule_with_warmup(opt, max(1, steps // 10), steps)
     model.train()
     losses = []
@@ -363,7 +374,7 @@ def run_method(method: Method, data: Data, args: argparse.Namespace, base_params
         t0 = time.perf_counter()
         model = build(method, 0, args.steps)
         initial = copy.deepcopy(model.state_dict()) if method.config(args.steps) is None else None
-        losses = train(model, method, data, args.steps, lr, seed=0)
+        losses = train(model, method, data, args.steps, lr, 0, args.head_lr)
         val = evaluate(model, data, data.val)
         sweep.append(dict(lr=lr, val_acc=val, first_loss=losses[0], last_loss=statistics.mean(losses[-8:]),
                           seconds=time.perf_counter() - t0))
@@ -384,7 +395,7 @@ def run_method(method: Method, data: Data, args: argparse.Namespace, base_params
     del best_model, best_initial
     for seed in range(1, args.seeds):
         model = build(method, seed, args.steps)
-        train(model, method, data, args.steps, best["lr"], seed)
+        train(model, method, data, args.steps, best["lr"], seed, args.head_lr)
         test_acc.append(evaluate(model, data, data.test))
         print(f"  {method.name:18s} seed {seed} test {test_acc[-1]:.3f}", flush=True)
         del model
@@ -460,6 +471,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, help="timed rounds for step and inference times (default 5; quick 3)")
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="redo a timing round when other processes took more than this share of the CPU")
+    ap.add_argument("--head-lr", type=float, help="a fixed rate for the classifier head (default: the method's rate)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
     ap.add_argument("--resume", action="store_true", help="keep methods already finished in --out's JSON")
@@ -486,6 +498,7 @@ def main() -> None:
         print(report(saved["rows"], saved["settings"], stem))
         return
     settings = dict(steps=args.steps, seeds=args.seeds, quick=args.quick, batch=BATCH, threads=args.threads,
+                    head_lr=args.head_lr,
                     torch=torch.__version__, peftkit=peftkit.__version__)
     done: dict[str, dict[str, Any]] = {}
     if args.resume and stem.with_suffix(".json").exists():

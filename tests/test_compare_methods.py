@@ -73,3 +73,15 @@ def test_next_rate_walks_the_1_3_10_grid_the_methods_use() -> None:
     assert [compare.next_rate(r, up=False) for r in (3e-5, 1e-4, 3e-3)] == [1e-5, 3e-5, 1e-3]
     for method in compare.METHODS:  # every grid lies on it, so an extension continues the grid's own spacing
         assert all(compare.next_rate(lo, up=True) == hi for lo, hi in zip(method.grid, method.grid[1:]))
+
+
+def test_head_rate_puts_exactly_the_trained_head_copy_in_its_own_group() -> None:
+    model = peftkit.get_peft_model(tiny_bert(), peftkit.LoraConfig(r=2, target_modules=["query"],
+                                                                   task_type="SEQ_CLS"))
+    single = compare.param_groups(model, 1e-3, None)
+    body, head = compare.param_groups(model, 1e-3, 1e-2)
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in single[0]["params"]} == trained and single[0]["lr"] == 1e-3
+    copy_of_head = model.base_model.model.classifier.modules_to_save["default"]
+    assert {id(p) for p in head["params"]} == {id(p) for p in copy_of_head.parameters()} and head["lr"] == 1e-2
+    assert {id(p) for p in body["params"]} | {id(p) for p in head["params"]} == trained
