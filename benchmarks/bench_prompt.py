@@ -64,7 +64,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_lora import LoadMeter, bootstrap_ci, build_base, interleaved, maxdiff, timed  # noqa: E402
+from bench_lora import LoadMeter, bootstrap_ci, build_base, interleaved, load_libs, maxdiff, timed  # noqa: E402
 
 N_VIRTUAL = 20
 METHODS = {"prompt": "PromptTuningConfig", "prefix": "PrefixTuningConfig"}
@@ -302,16 +302,6 @@ def bench_workload(wl: Workload, libs: dict[str, ModuleType], args: argparse.Nam
             gen_checks[method], note)
         rows[-1]["tokens"] = wl.gen_batch * wl.gen_new
     return rows
-
-
-def load_libs() -> tuple[dict[str, ModuleType], str | None]:
-    import peft
-
-    try:
-        import peftkit
-    except Exception as e:  # noqa: BLE001 -- any import failure: report it, benchmark HF alone
-        return {"hf": peft}, f"{type(e).__name__}: {e}"
-    return {"peftkit": peftkit, "hf": peft}, None
 
 
 def summarize(rows: list[dict[str, Any]]) -> str:
