@@ -11,6 +11,7 @@ from typing import Any
 
 from peftkit import methods  # noqa: F401  (registers every method)
 from peftkit.core import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     AdapterLayer,
     AdapterNotFoundError,
     CheckpointError,
@@ -19,9 +20,26 @@ from peftkit.core import (
     PeftConfigError,
     PeftMethod,
     PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
     TargetModuleError,
+    TaskType,
     get_peft_model,
     register,
+)
+from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from peftkit.functional import (
+    get_peft_config,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_peft_weights,
+    rescale_adapter_scale,
+    set_peft_model_state_dict,
+    set_requires_grad,
 )
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.adapters import AdapterConfig
@@ -35,6 +53,7 @@ from peftkit.methods.parallel_adapter import ParallelAdapterConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, PTuningV2Config
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.unipelt import UniPELTConfig
+from peftkit.peft_types import PeftType
 
 __version__ = "0.1.0"
 
@@ -44,12 +63,20 @@ __all__ = [
     "AdapterFusionConfig",
     "AdapterLayer",
     "AdapterNotFoundError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BitFitConfig",
     "CheckpointError",
     "CompositeConfig",
     "IA3Config",
     "LoraConfig",
     "MAMConfig",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "NotMergeableError",
     "PTuningConfig",
     "PTuningV2Config",
@@ -58,21 +85,42 @@ __all__ = [
     "PeftConfigError",
     "PeftMethod",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "TargetModuleError",
+    "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "UniPELTConfig",
     "__version__",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_config",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "load_peft_weights",
     "prepare_model_for_kbit_training",
     "quantize_model",
     "register",
+    "rescale_adapter_scale",
+    "set_peft_model_state_dict",
+    "set_requires_grad",
 ]
 
-# Quantisation helpers resolve on first use, so `import peftkit` never imports bitsandbytes (an optional extra).
+# Quantisation helpers resolve on first use, so `import peftkit` never imports bitsandbytes (an optional extra);
+# AutoPeftModel* import transformers' Auto classes, also only when used.
 _LAZY = {"quantize_model": "peftkit.integrations.bitsandbytes",
-         "prepare_model_for_kbit_training": "peftkit.integrations.bitsandbytes"}
+         "prepare_model_for_kbit_training": "peftkit.integrations.bitsandbytes",
+         **{name: "peftkit.auto" for name in __all__ if name.startswith("AutoPeftModel")}}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftkit.core.config import PeftConfig, TunerConfig
+from peftkit.core.config import PeftConfig, TaskType, TunerConfig
 from peftkit.core.errors import (
     AdapterNotFoundError,
     CheckpointError,
@@ -13,10 +13,20 @@ from peftkit.core.errors import (
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
 from peftkit.core.model import PeftModel, get_peft_model
 from peftkit.core.registry import PeftMethod, register
+from peftkit.core.task_models import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
 
 __all__ = [
     "AdapterLayer",
     "AdapterNotFoundError",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "CheckpointError",
     "ModulesToSaveWrapper",
     "NotMergeableError",
@@ -24,6 +34,13 @@ __all__ = [
     "PeftConfigError",
     "PeftMethod",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "TaskType",
     "TargetModuleError",
     "TunerConfig",
     "get_peft_model",

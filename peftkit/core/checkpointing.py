@@ -12,7 +12,8 @@ import contextlib
 import dataclasses
 import os
 import re
-from typing import TYPE_CHECKING, Any
+import tempfile
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,16 +23,25 @@ from peftkit.core.config import PeftConfig
 from peftkit.core.errors import CheckpointError, PeftConfigError
 from peftkit.core.registry import method_for
 from peftkit.core.targets import logical_name
+from peftkit.integrations import hub
 
 if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+
     from peftkit.core.model import PeftModel
 
 __all__ = ["AdapterCheckpoints"]
 
 
 class AdapterCheckpoints:
-    """``PeftModel``'s checkpoint methods (HF peft's names): state dicts, ``save_pretrained``, ``from_pretrained``,
-    ``load_adapter``, ``hotswap_adapter``."""
+    """``PeftModel``'s checkpoint methods (HF peft's names): state dicts, ``save_pretrained``, ``push_to_hub``,
+    ``from_pretrained``, ``load_adapter``, ``hotswap_adapter``.
+
+    Loaders take a local directory or a Hub repo id, with the Hub arguments of
+    :class:`peftkit.integrations.hub.HubOptions` (``revision``, ``subfolder``, ``token``, ``cache_dir``,
+    ``force_download``, ``local_files_only``) as keywords. An argument peftkit does not honour raises ``TypeError``
+    naming it, rather than being ignored.
+    """
 
     def get_adapter_state_dict(self, adapter_name: str, live: bool = False) -> dict[str, torch.Tensor]:
         """The adapter's tensors keyed as in the checkpoint (``base_model.model.<path>...``)."""
@@ -66,7 +76,19 @@ class AdapterCheckpoints:
         selected_adapters: list[str] | None = None,
         is_main_process: bool = True,
         state_dict: dict[str, torch.Tensor] | None = None,
-        **kwargs: Any,
+        *,
+        safe_serialization: bool = True,
+        save_embedding_layers: bool | str = False,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        **kwargs: object,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -77,13 +99,25 @@ class AdapterCheckpoints:
             state_dict: A full model state dict gathered elsewhere, keyed like ``self.state_dict()`` (FSDP's
                 ``FULL_STATE_DICT``, DeepSpeed ZeRO-3's consolidated weights); adapter tensors are read from it
                 instead of from the live parameters, which may be shards.
+            safe_serialization: Only True: peftkit writes safetensors.
+            save_embedding_layers: Only False: base embedding matrices are never written (HF peft's ``"auto"``
+                writes them when the vocabulary was resized; save the resized base yourself).
+            push_to_hub: Then upload the adapter files and a model card (``README.md``, merged into one already in
+                ``save_directory``) to ``repo_id`` (default: the directory's name); the other keywords are
+                :meth:`push_to_hub`'s.
 
         Raises:
             CheckpointError: an adapter tensor is a shard (a DTensor, or the empty placeholder FSDP1 and ZeRO-3
                 leave on a rank); writing it would give an empty or partial checkpoint. Nothing is written.
         """
-        if kwargs.get("safe_serialization") is False:
+        hub.refuse_kwargs("PeftModel.save_pretrained", kwargs, accepted=())
+        if safe_serialization is not True:
             raise ValueError("peftkit writes safetensors only; drop safe_serialization=False.")
+        if save_embedding_layers is not False:
+            raise ValueError(
+                f"save_embedding_layers={save_embedding_layers!r} is not supported: peftkit writes adapter tensors "
+                "only, never a base embedding matrix. Drop the argument and save a resized base model yourself."
+            )
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_known(names)
         if not is_main_process:
@@ -104,10 +138,60 @@ class AdapterCheckpoints:
                 tensors = {k: state_dict.get(by_id.get(id(t), ""), t) for k, t in tensors.items()}
             _refuse_shards(tensors, name)
             directory = os.path.join(save_directory, "" if name == "default" else name)
-            config = self.peft_config[name]
-            base_name = config.base_model_name_or_path or getattr(getattr(self, "config", None), "name_or_path", None)
-            saved = dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name or None)
-            ckpt.write_adapter_files(directory, {k: v.detach() for k, v in tensors.items()}, saved.to_json_string())
+            saved = self._saved_config(name).to_json_string()
+            ckpt.write_adapter_files(directory, {k: v.detach() for k, v in tensors.items()}, saved)
+        if push_to_hub:
+            hub.upload_adapters(
+                os.fspath(save_directory), {name: self._saved_config(name) for name in names},
+                repo_id or os.path.basename(os.path.normpath(save_directory)), commit_message=commit_message,
+                commit_description=commit_description, private=private, token=token, revision=revision,
+                create_pr=create_pr, tags=tags,
+            )
+
+    def _saved_config(self, name: str) -> PeftConfig:
+        config = self.peft_config[name]
+        base_name = config.base_model_name_or_path or getattr(getattr(self, "config", None), "name_or_path", None)
+        return dataclasses.replace(config, inference_mode=True, base_model_name_or_path=base_name or None)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        selected_adapters: list[str] | None = None,
+        **kwargs: object,
+    ) -> CommitInfo:
+        """Upload the adapters (HF's layout: "default" at the top, others in ``<name>/``) and a model card to the
+        Hub repo ``repo_id``, creating it if needed. The base model is never uploaded.
+
+        Args:
+            repo_id: ``"name"`` (under your account) or ``"namespace/name"``.
+            private: For a new repo; an existing repo keeps its visibility.
+            revision: Branch to commit to (created from main if missing).
+            create_pr: Open a pull request instead of committing to the branch.
+            tags: Extra model card tags.
+            selected_adapters: The adapters to upload (default: all).
+
+        Returns:
+            huggingface_hub's ``CommitInfo`` (``.commit_url``, ``.pr_url``).
+        """
+        hub.refuse_kwargs("PeftModel.push_to_hub", kwargs, accepted=(
+            "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags",
+            "selected_adapters"))
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, selected_adapters=names)
+            return hub.upload_adapters(
+                folder, {name: self._saved_config(name) for name in names}, repo_id, commit_message=commit_message,
+                commit_description=commit_description, private=private, token=token, revision=revision,
+                create_pr=create_pr, tags=tags,
+            )
 
     @classmethod
     def from_pretrained(
@@ -117,59 +201,98 @@ class AdapterCheckpoints:
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
-        **kwargs: Any,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: object,
     ) -> PeftModel:
         """Load a saved adapter onto ``model``. On any error ``model`` is left exactly as it was.
 
+        Called on ``PeftModel``, returns the class for the config's ``task_type`` (``PeftModelForCausalLM``, ...).
+
+        Args:
+            model_id: The directory ``save_pretrained`` wrote, or a Hub repo id (``"user/adapter"``).
+            config: Use this config instead of the saved one; the weights still come from ``model_id``.
+            autocast_adapter_dtype: True: adapters of fp16/bf16 weights are kept in fp32 (HF peft's default).
+                False: in the dtype of the weight they adapt.
+            ephemeral_gpu_offload: Only False (peftkit has no ephemeral offload).
+            low_cpu_mem_usage: Only False (see the error True raises).
+            key_mapping: ``{regex: replacement}`` applied to each checkpoint key without its
+                ``base_model.model.`` prefix, first matching pattern only (HF peft's argument): for a model whose
+                modules were renamed since the adapter was saved.
+            **kwargs: Hub arguments: ``revision``, ``subfolder``, ``token``, ``cache_dir``, ``force_download``,
+                ``local_files_only``.
+
         Raises:
-            PeftConfigError, CheckpointError: missing, corrupt or ill-fitting files; the message lists every
-                problem found.
+            PeftConfigError, CheckpointError: missing, corrupt or ill-fitting files, or a Hub id that cannot be
+                fetched; the message lists every problem found.
+            TypeError: a keyword argument peftkit does not honour.
         """
-        model_id = os.fspath(model_id)
-        subfolder = kwargs.get("subfolder")
-        directory = os.path.join(model_id, subfolder) if subfolder else model_id
-        config = config or PeftConfig.from_pretrained(directory)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        weights = ckpt.read_adapter_weights(directory)
-        peft_model = cls(model, config, adapter_name)
+        options = hub.hub_options("PeftModel.from_pretrained", kwargs)
+        _refuse_loader_options(ephemeral_gpu_offload, low_cpu_mem_usage)
+        source, saved, weights = _read_adapter(model_id, options, key_mapping, need_config=config is None)
+        config = dataclasses.replace(config or saved, inference_mode=not is_trainable)
+        peft_model = cls.class_for(config)(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            peft_model._load_weights(adapter_name, weights, directory)
+            peft_model._load_weights(adapter_name, weights, source.label)
         except BaseException:
             peft_model.unload()
             raise
         return peft_model
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: object,
     ) -> None:
-        """Load a saved adapter next to the ones present (inactive until ``set_adapter``)."""
-        directory = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
-        config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
-        weights = ckpt.read_adapter_weights(directory)
-        self.add_adapter(adapter_name, config)
+        """Load a saved adapter next to the ones present (inactive until ``set_adapter``).
+
+        Loading into a name already present overwrites its weights in place, as HF peft does (``Trainer`` resumes
+        this way), with :meth:`hotswap_adapter`'s checks. Arguments as in :meth:`from_pretrained`.
+        """
+        options = hub.hub_options("PeftModel.load_adapter", kwargs)
+        _refuse_loader_options(ephemeral_gpu_offload, low_cpu_mem_usage)
+        source, saved, weights = _read_adapter(model_id, options, key_mapping)
+        if adapter_name in self.peft_config:
+            self._hotswap(adapter_name, source, saved, weights)
+            return
+        self.add_adapter(adapter_name, dataclasses.replace(saved, inference_mode=not is_trainable))
         try:
-            self._load_weights(adapter_name, weights, directory)
+            if not autocast_adapter_dtype:
+                self._cast_adapter_to_base_dtype(adapter_name)
+            self._load_weights(adapter_name, weights, source.label)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
         self.set_adapter(self._active or [adapter_name])
 
-    def hotswap_adapter(self, model_id: str | os.PathLike, adapter_name: str = "default", **kwargs: Any) -> None:
+    def hotswap_adapter(self, model_id: str | os.PathLike, adapter_name: str = "default", **kwargs: object) -> None:
         """Overwrite the weights of the loaded adapter ``adapter_name`` in place with those saved in ``model_id``.
 
         The parameters stay the same objects, so an optimizer, a DDP or FSDP wrapper and a ``torch.compile``d
         model keep working, and nothing recompiles. The saved config must equal the loaded one except for
-        ``inference_mode`` and ``base_model_name_or_path`` (same targets, ranks, scales); HF peft's
+        ``inference_mode``, ``base_model_name_or_path`` and ``revision`` (same targets, ranks, scales); HF peft's
         ``peft.utils.hotswap.hotswap_adapter`` does the same. Fields that only pick initial values (``init_*``,
-        ``*_init``) may differ: the loaded weights replace them.
+        ``*_init``) may differ: the loaded weights replace them. ``kwargs`` are the Hub arguments of
+        :meth:`from_pretrained`.
 
         Raises:
             AdapterNotFoundError: ``adapter_name`` is not loaded (use ``load_adapter`` to add it).
             PeftConfigError, CheckpointError: the saved adapter differs in config or shapes; nothing changes.
         """
+        options = hub.hub_options("PeftModel.hotswap_adapter", kwargs)
         self._check_known([adapter_name])
-        directory = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
-        saved, weights = PeftConfig.from_pretrained(directory), ckpt.read_adapter_weights(directory)
+        self._hotswap(adapter_name, *_read_adapter(model_id, options))
+
+    def _hotswap(self, adapter_name: str, source: hub.AdapterSource, saved: PeftConfig,
+                 weights: dict[str, torch.Tensor]) -> None:
         ours, theirs = self.peft_config[adapter_name].to_dict(), saved.to_dict()
         differ = sorted(
             k for k in ours.keys() | theirs.keys()
@@ -177,10 +300,10 @@ class AdapterCheckpoints:
         )
         if differ:
             raise PeftConfigError(
-                f"Cannot hot-swap {directory!r} into adapter {adapter_name!r}: the configs differ in {differ}. "
+                f"Cannot hot-swap {source.label!r} into adapter {adapter_name!r}: the configs differ in {differ}. "
                 "Load it under a new name with load_adapter instead."
             )
-        self._load_weights(adapter_name, weights, directory)
+        self._load_weights(adapter_name, weights, source.label)
 
     def _base_overrides(self, keys: list[str]) -> dict[str, nn.Parameter]:
         """Checkpoint keys naming base parameters of wrapped modules, e.g. the full embedding matrix HF peft saves
@@ -220,8 +343,7 @@ class AdapterCheckpoints:
 
 # Config fields a hot-swap may change: bookkeeping, and the choice of initial values the loaded weights replace.
 
-
-_HOTSWAP_IGNORED = re.compile(r"^(inference_mode|base_model_name_or_path)$|(^|_)init($|_)")
+_HOTSWAP_IGNORED = re.compile(r"^(inference_mode|base_model_name_or_path|revision)$|(^|_)init($|_)")
 
 # Module names torch's wrappers insert (FSDP1 units, activation-checkpoint wrappers); their state dicts, and
 # peftkit's checkpoint keys, leave them out.
@@ -250,3 +372,36 @@ def _refuse_shards(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
                 "tensor, or a parameter sharded away by FSDP1 or DeepSpeed ZeRO-3); nothing was written. Gather the "
                 "weights first and pass them as state_dict= (see docs/training.md)."
             )
+
+
+def _read_adapter(
+    model_id: str | os.PathLike, options: hub.HubOptions, key_mapping: dict[str, str] | None = None,
+    need_config: bool = True,
+) -> tuple[hub.AdapterSource, PeftConfig | None, dict[str, torch.Tensor]]:
+    """The adapter's files, from a local directory or the Hub: where they are, the config and the weights."""
+    source = hub.resolve_adapter(model_id, options)
+    config = PeftConfig.from_pretrained(source.directory) if need_config else None
+    weights = ckpt.read_adapter_weights(source.directory)
+    if key_mapping:  # HF peft's semantics: keys without the prefix, the first pattern that matches wins
+        remapped = {}
+        for key, tensor in weights.items():
+            prefix = ckpt.KEY_PREFIX if key.startswith(ckpt.KEY_PREFIX) else ""
+            name = key[len(prefix):]
+            for pattern, replacement in key_mapping.items():
+                name, count = re.subn(pattern, replacement, name)
+                if count:
+                    break
+            remapped[prefix + name] = tensor
+        weights = remapped
+    return source, config, weights
+
+
+def _refuse_loader_options(ephemeral_gpu_offload: bool, low_cpu_mem_usage: bool) -> None:
+    from peftkit.core.model import _refuse_low_cpu_mem_usage
+
+    if ephemeral_gpu_offload:
+        raise ValueError(
+            "ephemeral_gpu_offload=True is not supported: peftkit has no ephemeral GPU offload (HF peft uses it to "
+            "initialise DoRA on CPU-offloaded weights). Drop the argument."
+        )
+    _refuse_low_cpu_mem_usage(low_cpu_mem_usage)

@@ -8,6 +8,8 @@ A method's config is a ``@dataclass(kw_only=True)`` subclass of :class:`PeftConf
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import enum
 import json
 import logging
 import os
@@ -20,13 +22,36 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+class TaskType(str, enum.Enum):
+    """HF peft's task types. A member equals its string, so ``task_type="CAUSAL_LM"`` keeps working."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TASK_TYPES = tuple(t.value for t in TaskType)
 
 # A neutral value meaning "ignored whatever it holds": settings of a feature that has its own on/off field.
 ANY_VALUE = object()
 
 # Keys HF peft writes for bookkeeping only; reading them changes nothing, so they are dropped quietly.
-_HF_METADATA_KEYS = frozenset({"auto_mapping", "peft_version", "revision", "megatron_core"})
+_HF_METADATA_KEYS = frozenset({"auto_mapping", "peft_version", "megatron_core"})
+
+# Values a field peftkit does not know may hold and still change nothing: "unset" in every peft release so far.
+_NEUTRAL_VALUES = (None, False, {}, [], "")
+
+
+def _is_neutral(value: Any) -> bool:
+    return any(value == neutral and type(value) is type(neutral) for neutral in _NEUTRAL_VALUES)
 
 
 @dataclass(kw_only=True)
@@ -36,32 +61,45 @@ class PeftConfig:
     Args:
         task_type: One of ``TASK_TYPES`` or None. ``"SEQ_CLS"`` / ``"TOKEN_CLS"`` / ``"QUESTION_ANS"`` add the
             task head to ``modules_to_save`` of methods that support it.
-        base_model_name_or_path: Recorded for the user's information; never used to fetch anything.
+        base_model_name_or_path: The base model the adapter was trained on (a local path or a Hub id);
+            ``AutoPeftModel*.from_pretrained`` loads it.
+        revision: The base model's revision on the Hub (HF peft's field), used with ``base_model_name_or_path``.
         inference_mode: When True the adapter's parameters are frozen after loading.
         modules_to_save: Modules (e.g. a classifier) that get a full trainable copy per adapter, saved in the
             checkpoint.
 
     Subclasses set ``hf_unsupported_fields``: fields HF peft writes for features peftkit does not implement,
-    mapped to the value that means "feature off". On load they are ignored with a warning while they hold
-    that value, and rejected otherwise, so a checkpoint is never silently run without a feature it needs.
+    mapped to the value that means "feature off". On load they are ignored (silently: every HF checkpoint has
+    them) while they hold that value, and rejected otherwise, so a checkpoint is never silently run without a
+    feature it needs. A field no table knows (a newer peft's) is ignored with one short warning when its value is
+    unset (None, False, empty) and rejected otherwise.
     """
 
     peft_type: ClassVar[str] = ""
     hf_unsupported_fields: ClassVar[dict[str, Any]] = {}
 
-    task_type: str | None = None
+    task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
+    revision: str | None = None
     inference_mode: bool = False
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise PeftConfigError(
-                f"{type(self).__name__}.task_type={self.task_type!r} is not known; use one of {list(TASK_TYPES)} "
-                "or None."
-            )
+        if self.task_type is not None:
+            if self.task_type not in TASK_TYPES:
+                raise PeftConfigError(
+                    f"{type(self).__name__}.task_type={self.task_type!r} is not known; use one of "
+                    f"{list(TASK_TYPES)} (peftkit.TaskType) or None."
+                )
+            self.task_type = TaskType(self.task_type)
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """HF peft's flag: True for methods that add virtual tokens or key/value prefixes instead of wrapping
+        modules (they have no ``target_modules``)."""
+        return not isinstance(self, TunerConfig)
 
     # ---- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +109,8 @@ class PeftConfig:
             value = getattr(self, f.name)
             if isinstance(value, (set, tuple)):
                 value = sorted(value) if isinstance(value, set) else list(value)
+            elif isinstance(value, enum.Enum):
+                value = value.value
             out[f.name] = value
         return out
 
@@ -101,7 +141,7 @@ class PeftConfig:
     @classmethod
     def _from_fields(cls, data: dict[str, Any]) -> PeftConfig:
         valid = {f.name for f in dataclasses.fields(cls)}
-        ignored, enabled_unsupported, unknown = [], [], []
+        switched_off, enabled_unsupported, unknown_unset, unknown_set = [], [], [], []
         for key in list(data):
             if key in valid:
                 continue
@@ -110,25 +150,32 @@ class PeftConfig:
                 continue
             if key in cls.hf_unsupported_fields:
                 neutral = cls.hf_unsupported_fields[key]
-                off = (None, {}, [], False)
-                if neutral is ANY_VALUE or value == neutral or (value in off and neutral in off):
-                    ignored.append(key)
+                if neutral is ANY_VALUE or value == neutral or (_is_neutral(value) and _is_neutral(neutral)):
+                    switched_off.append(key)
                 else:
                     enabled_unsupported.append(f"{key}={value!r}")
+            elif _is_neutral(value):
+                unknown_unset.append(key)
             else:
-                unknown.append(key)
-        if unknown:
-            raise PeftConfigError(
-                f"Unknown field(s) {sorted(unknown)} for {cls.__name__}. Valid fields: {sorted(valid)}. "
-                "Remove or rename them."
-            )
+                unknown_set.append(f"{key}={value!r}")
         if enabled_unsupported:
             raise PeftConfigError(
                 f"This {cls.__name__} checkpoint uses features peftkit does not implement: "
                 f"{', '.join(enabled_unsupported)}. Loading it without them would give wrong outputs."
             )
-        if ignored:
-            logger.warning("Ignoring Hugging Face peft field(s) that are switched off: %s", ", ".join(sorted(ignored)))
+        if unknown_set:
+            close = {k.split("=")[0]: difflib.get_close_matches(k.split("=")[0], valid, n=2) for k in unknown_set}
+            hints = "; ".join(f"{k!r} (did you mean {v}?)" for k, v in close.items() if v)
+            raise PeftConfigError(
+                f"Unknown field(s) for {cls.__name__} set to a value: {', '.join(unknown_set)}. peftkit cannot tell "
+                f"what they would change, so it refuses rather than compute something else. {hints + '. ' if hints else ''}"
+                f"Valid fields: {sorted(valid)}. Remove or rename them."
+            )
+        if switched_off:  # every HF checkpoint carries these; debug level keeps an ordinary load quiet
+            logger.debug("Ignoring Hugging Face peft field(s) that are switched off: %s", ", ".join(sorted(switched_off)))
+        if unknown_unset:
+            logger.warning("%s: ignoring unset field(s) peftkit does not know: %s", cls.__name__,
+                           ", ".join(sorted(unknown_unset)))
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -142,13 +189,27 @@ class PeftConfig:
         atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode("utf-8"))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
-        """Read ``adapter_config.json`` from a local directory.
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: object
+    ) -> PeftConfig:
+        """Read ``adapter_config.json`` from a local directory or a Hub repo.
+
+        Args:
+            pretrained_model_name_or_path: The directory ``save_pretrained`` wrote, or a Hub repo id.
+            subfolder: The directory inside it (HF's layout puts adapter ``name`` in ``name/``).
+            **kwargs: Hub arguments: ``revision``, ``token``, ``cache_dir``, ``force_download``,
+                ``local_files_only`` (:class:`peftkit.integrations.hub.HubOptions`).
 
         Raises:
-            PeftConfigError: the file is missing or is not valid JSON, or the fields do not fit.
+            PeftConfigError: the file is missing (locally, or on the Hub and in its cache) or is not valid JSON,
+                or the fields do not fit.
+            TypeError: a keyword argument that is not a Hub argument (config fields cannot be overridden here).
         """
-        path = os.path.join(directory, subfolder or "", CONFIG_NAME)
+        from peftkit.integrations import hub
+
+        options = hub.hub_options(f"{cls.__name__}.from_pretrained", {**kwargs, "subfolder": subfolder})
+        directory = hub.resolve_adapter(pretrained_model_name_or_path, options, weights=False).directory
+        path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise PeftConfigError(
                 f"No {CONFIG_NAME} in {os.path.dirname(path)!r}. Pass the directory written by save_pretrained."

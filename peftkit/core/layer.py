@@ -123,6 +123,17 @@ class AdapterLayer(nn.Module):
                 item = container[adapter_name]
                 yield from [item] if isinstance(item, nn.Parameter) else item.parameters()
 
+    # ---- per-adapter scale ---------------------------------------------------------------------------------
+    def adapter_scale(self, adapter_name: str) -> float | None:
+        """The factor ``set_scale`` put on ``adapter_name``'s update (1.0 until set), or None when this method's
+        layers have no scale to change."""
+        return None
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """Multiply ``adapter_name``'s update by ``scale`` relative to its configured scale (HF peft's
+        ``set_scale``); methods without a scalar scale raise."""
+        raise NotImplementedError(f"{self.method_name or type(self).__name__} layers have no adapter scale to set.")
+
     # ---- mixed batches -------------------------------------------------------------------------------------
     def rows_per_adapter(self, batch_size: int) -> dict[str, torch.Tensor]:
         """Row indices of each adapter of the current mixed batch (beam search repeats each row)."""

@@ -12,14 +12,14 @@ import dataclasses
 import functools
 import inspect
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from peftkit.core.checkpointing import AdapterCheckpoints
-from peftkit.core.config import PeftConfig, TunerConfig
+from peftkit.core.config import PeftConfig, TaskType, TunerConfig
 from peftkit.core.errors import AdapterNotFoundError, NotMergeableError, PeftConfigError
 from peftkit.core.inject import adapter_layers, add_modules_to_save, inject_adapter, remove_adapter, replace_module
 from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, AdapterModule, AdapterModuleGroup
@@ -45,14 +45,25 @@ class _BaseModelHost(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
-        # HF scripts call method-level functions on ``peft_model.base_model`` (``update_and_allocate``).
+        # HF scripts call the tuner's API on ``peft_model.base_model`` (``update_and_allocate``,
+        # ``disable_adapter_layers``, ``merge_and_unload``, ...); in peftkit the PeftModel holds it.
         owner = self.__dict__.get("_owner")
         peft_model = owner() if owner is not None else None
         if peft_model is not None:
+            if name in _TUNER_API:
+                return getattr(peft_model, name)
             bound = peft_model._model_api(name)
             if bound is not None:
                 return bound
         return getattr(self.model, name)
+
+
+# What HF peft's tuner (``peft_model.base_model``) offers that peftkit keeps on the PeftModel itself.
+_TUNER_API = frozenset({
+    "active_adapter", "active_adapters", "peft_config", "add_adapter", "set_adapter", "delete_adapter",
+    "enable_adapter_layers", "disable_adapter_layers", "merge_adapter", "unmerge_adapter", "merge_and_unload",
+    "unload", "set_requires_grad", "get_layer_status", "get_model_status",
+})
 
 
 class _BoundForward(functools.partial):
@@ -85,7 +96,32 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         TargetModuleError, PeftConfigError: the config does not fit the model; the model is left unchanged.
     """
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    # The task a subclass serves (``PeftModelForCausalLM``: ``CAUSAL_LM``); ``get_peft_model`` and
+    # ``PeftModel.from_pretrained`` pick the subclass registered for a config's ``task_type``.
+    task_type: ClassVar[TaskType | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("task_type") is not None:
+            TASK_MODEL_CLASSES.setdefault(TaskType(cls.task_type), cls)
+
+    @classmethod
+    def class_for(cls, config: PeftConfig) -> type[PeftModel]:
+        """The class to build for ``config``: ``cls`` itself, or, called on ``PeftModel``, the subclass registered
+        for ``config.task_type`` (HF peft's ``MODEL_TYPE_TO_PEFT_MODEL_MAPPING``)."""
+        if cls is PeftModel and config.task_type is not None:
+            return TASK_MODEL_CLASSES.get(TaskType(config.task_type), cls)
+        return cls
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        _refuse_low_cpu_mem_usage(low_cpu_mem_usage)
         super().__init__()
         self.base_model = _BaseModelHost(model)
         self.base_model.__dict__["_owner"] = weakref.ref(self)  # a plain attribute: no module cycle
@@ -95,6 +131,7 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         self._adapters_disabled = False
         self._base_snapshot: dict[str, torch.Tensor] = {}
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        self._freeze_active = False  # set_adapter(..., inference_mode=True)
         model.requires_grad_(False)
         try:
             self.add_adapter(adapter_name, peft_config)
@@ -102,6 +139,8 @@ class PeftModel(AdapterCheckpoints, nn.Module):
             self._restore_requires_grad()
             raise
         self.set_adapter(adapter_name)
+        if not autocast_adapter_dtype:
+            self._cast_adapter_to_base_dtype(adapter_name)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -276,6 +315,8 @@ class PeftModel(AdapterCheckpoints, nn.Module):
             raise ValueError(f"{BASE_ADAPTER_NAME!r} is reserved for base-model rows of a mixed batch.")
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} exists already; delete_adapter it first or pick a new name.")
+        if type(self).task_type is not None:
+            peft_config = self._with_own_task_type(peft_config)
         method = method_for(peft_config)
         config = self._complete_config(peft_config, method)
         model = self.base_model.model
@@ -305,6 +346,30 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         for _, layer in self._layers():  # new layers follow the model's active set; the new adapter stays inactive
             layer.set_adapter(self._active)
         self._apply_trainability()
+
+    def _with_own_task_type(self, config: PeftConfig) -> PeftConfig:
+        """A config without ``task_type`` gets this class's (so ``PeftModelForSequenceClassification`` trains the
+        classifier, as in HF peft); one naming another task is refused rather than served by the wrong class."""
+        if config.task_type is None:
+            return dataclasses.replace(config, task_type=type(self).task_type)
+        if TaskType(config.task_type) is not type(self).task_type:
+            raise PeftConfigError(
+                f"{type(self).__name__} serves task_type={type(self).task_type.value!r} but the config has "
+                f"task_type={config.task_type.value!r}; use PeftModel / get_peft_model, which pick the class from the "
+                "config, or change the config's task_type."
+            )
+        return config
+
+    def _cast_adapter_to_base_dtype(self, adapter_name: str) -> None:
+        """HF peft's ``autocast_adapter_dtype=False``: adapter weights in the dtype of the weight they adapt, also
+        for fp16/bf16 bases (peftkit otherwise keeps those adapters in fp32, where small updates survive)."""
+        for _, layer in self._layers():
+            base_weight = getattr(layer.get_base_layer(), "weight", None)
+            if base_weight is None or base_weight.dtype not in (torch.float16, torch.bfloat16):
+                continue
+            for param in layer.iter_adapter_parameters(adapter_name):
+                if param.is_floating_point():
+                    param.data = param.data.to(base_weight.dtype)
 
     def _remove_adapter_module(self, adapter_name: str) -> None:
         if adapter_name in self.adapter_modules:
@@ -338,14 +403,48 @@ class PeftModel(AdapterCheckpoints, nn.Module):
             changes["modules_to_save"] = (kept + heads) or None
         return dataclasses.replace(config, **changes) if changes else config
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make one adapter, or several that add up, active; only active adapters are trainable."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make one adapter, or several that add up, active; only active adapters are trainable, and with
+        ``inference_mode=True`` not even those (HF peft's argument)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_known(names)
         for _, layer in self._layers():
             layer.set_adapter(names)
         self._active = names
+        self._freeze_active = inference_mode
         self._apply_trainability()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters on or off, active or not (HF peft's ``set_requires_grad``).
+
+        The next ``set_adapter`` / ``add_adapter`` resets trainability to "active adapters only", as in HF peft.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_known(names)
+        for name in names:
+            self._set_adapter_trainable(name, requires_grad)
+
+    def _set_adapter_trainable(self, name: str, trainable: bool) -> None:
+        for _, layer in self._layers():
+            layer.set_trainable(name, trainable)
+        if name in self.adapter_modules:
+            self.adapter_modules[name].requires_grad_(trainable)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers``: the active adapters apply again."""
+        for _, layer in self._layers():
+            layer.disable_adapters = False
+        self._adapters_disabled = False
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model until ``enable_adapter_layers`` (the lasting form of ``with disable_adapter()``).
+
+        Merged adapters are unmerged first, so the outputs really are the base model's.
+        """
+        for _, layer in self._layers():
+            layer.unmerge()
+            layer.disable_adapters = True
+        self._adapters_disabled = True
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known([adapter_name])
@@ -370,7 +469,7 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         layers = [layer for _, layer in self._layers()]
         shared: dict[str, bool] = {}  # base parameters (biases) several adapters may train: trainable if any is
         for name, config in self.peft_config.items():
-            trainable = name in self._active and not config.inference_mode
+            trainable = name in self._active and not config.inference_mode and not self._freeze_active
             for layer in layers:
                 layer.set_trainable(name, trainable)
             if name in self.adapter_modules:
@@ -524,15 +623,66 @@ class PeftModel(AdapterCheckpoints, nn.Module):
             trainable += param.numel() if param.requires_grad else 0
         return trainable, total
 
+    def get_layer_status(self) -> list[Any]:
+        """Per adapter layer: enabled, active / merged / available adapters, requires_grad, devices (HF's report)."""
+        from peftkit.core.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The layers' statuses folded into one; disagreeing layers read ``"irregular"`` (HF's report)."""
+        from peftkit.core.status import get_model_status
+
+        return get_model_status(self)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         share = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
+# ``PeftModel`` subclass per task type, filled as the subclasses are defined (peftkit.core.task_models).
+TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {}
+
+
+def _refuse_low_cpu_mem_usage(low_cpu_mem_usage: bool) -> None:
+    if low_cpu_mem_usage:
+        raise ValueError(
+            "low_cpu_mem_usage=True is not supported: peftkit allocates each adapter's weights once, in place (they "
+            "are small), and PeftModel.from_pretrained copies the saved ones into them. Drop the argument; to avoid "
+            "materialising a large base twice, build it on the meta device (docs/training.md, meta-device init)."
+        )
+
+
 def get_peft_model(
-    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config`` (HF peft's entry point)."""
+    """Wrap ``model`` with a new adapter described by ``peft_config`` (HF peft's entry point and arguments).
+
+    Returns the ``PeftModel`` subclass for ``peft_config.task_type`` (``PeftModelForCausalLM``, ...), so HF peft's
+    ``isinstance`` checks hold.
+
+    Args:
+        mixed: HF peft returns a ``PeftMixedModel`` that can hold adapters of different methods; every peftkit
+            ``PeftModel`` can, so this returns a plain ``PeftModel`` (no task subclass), as HF's mixed model is.
+        autocast_adapter_dtype: True (default): adapters of fp16/bf16 weights are kept in fp32. False: in the
+            weight's own dtype.
+        revision: The base model's Hub revision, recorded in the config (``AutoPeftModel`` loads that revision).
+        low_cpu_mem_usage: Only False; see the error True raises.
+    """
     if isinstance(model, PeftModel):
         raise ValueError("The model is a PeftModel already; use model.add_adapter(name, config) to add another.")
-    return PeftModel(model, peft_config, adapter_name)
+    if revision is not None:
+        peft_config = dataclasses.replace(peft_config, revision=revision)
+    if getattr(peft_config, "base_model_name_or_path", None) is None:
+        name = getattr(getattr(model, "config", None), "name_or_path", None)
+        if name:
+            peft_config = dataclasses.replace(peft_config, base_model_name_or_path=name)
+    cls = PeftModel if mixed else PeftModel.class_for(peft_config)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)

@@ -69,9 +69,12 @@ class LoraConfig(TunerConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    # eva_config only feeds the data-driven init (``initialize_lora_eva_weights``); once trained, an EVA adapter is
+    # plain LoRA. enable_lora / merge_weights are fields of peft < 0.3 (MergedLinear), unset in its LoRA configs.
     hf_unsupported_fields: ClassVar[dict[str, Any]] = {
+        "eva_config": ANY_VALUE, "enable_lora": None, "merge_weights": False,
         "use_dora": False, "lora_bias": False, "layer_replication": None, "loftq_config": {}, "megatron_config": None,
-        "eva_config": None, "corda_config": None, "target_parameters": None, "trainable_token_indices": None,
+        "corda_config": None, "target_parameters": None, "trainable_token_indices": None,
         "use_qalora": False, "qalora_group_size": ANY_VALUE, "alora_invocation_tokens": None, "arrow_config": None,
         "ensure_weight_tying": False, "kasa_config": None, "lora_ga_config": None, "monteclora_config": None,
         "use_bdlora": None, "velora_config": None, "runtime_config": None,
@@ -96,11 +99,17 @@ class LoraConfig(TunerConfig):
             raise PeftConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise PeftConfigError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in _INITS:
+            rewrites_base = isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(
+                ("pissa", "olora", "corda", "loftq", "lora_ga"))
+            why = (" It changes the base weights at init (the saved adapter only fits the changed base), which "
+                   "peftkit does not implement yet." if rewrites_base else "")
             raise PeftConfigError(
-                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not supported; use True, 'gaussian' "
-                "or False."
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not supported.{why} Use one of "
+                f"{list(_INITS)}."
             )
+        if self.init_lora_weights == "orthogonal" and self.r % 2:
+            raise PeftConfigError(f"init_lora_weights='orthogonal' needs an even rank r, got r={self.r}.")
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
         if bad:
             raise PeftConfigError(f"LoraConfig.rank_pattern values must be positive integers, got {bad}.")
@@ -116,6 +125,23 @@ class LoraConfig(TunerConfig):
         )
 
 
+# True: A Kaiming-uniform; "eva": the same until a data-driven init replaces A; "orthogonal": see _orthogonal_pair.
+_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+@torch.no_grad()
+def _orthogonal_pair(lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    """A and B both non-zero with ``B A = 0`` (HF peft's ``"orthogonal"`` init): A's rows lie in the span of
+    one half of the rows of a random orthogonal r×r matrix Q and B's columns in the other half, so every product
+    term pairs two orthogonal rows of Q. Training starts from a zero delta but with gradients into both factors."""
+    r = lora_a.shape[0]
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    a = torch.randn(lora_a[0].numel(), r // 2) @ q[0::2]  # convolutions: A (r, in, k, k) read as (r, in·k·k)
+    b = torch.randn(lora_b.shape[0], r // 2) @ q[1::2]
+    lora_a.copy_((a.T / 10.0).reshape(lora_a.shape))
+    lora_b.copy_((b / 10.0).reshape(lora_b.shape))
+
+
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module_name):
@@ -128,7 +154,7 @@ class LoraLayer(AdapterLayer):
     ``G(x)`` (``lora_gate``, a ``Linear(in, 1)``) that replaces the scale of a gated adapter."""
 
     adapter_param_names = ("lora_A", "lora_B", "lora_gate")
-    adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling", "gate_reduce", "gate_values")
+    adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling", "unscaled", "gate_reduce", "gate_values")
     method_name = "LoRA"
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
@@ -143,6 +169,22 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.gate_reduce: dict[str, str] = {}
         self.gate_values: dict[str, torch.Tensor] = {}  # the last forward's gates, for gate_values()
+        self.unscaled: dict[str, float] = {}  # the configured scale of adapters set_scale has changed
+
+    def adapter_scale(self, adapter_name: str) -> float | None:
+        if adapter_name not in self.scaling:
+            return None
+        unscaled = self.unscaled.get(adapter_name, self.scaling[adapter_name])
+        return self.scaling[adapter_name] / unscaled if unscaled else 1.0
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        if adapter_name not in self.scaling:
+            return  # HF peft's rule: an adapter this layer does not hold is left alone
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"Adapter {adapter_name!r} is merged into {self.module_name}; unmerge it before "
+                               "changing its scale (the merged weights would keep the old one).")
+        unscaled = self.unscaled.setdefault(adapter_name, self.scaling[adapter_name])
+        self.scaling[adapter_name] = unscaled * scale
 
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
         raise NotImplementedError(f"{type(self).__name__} must define _make_pair (the A and B modules for rank r).")
@@ -173,6 +215,11 @@ class LoraLayer(AdapterLayer):
             return
         if init == "gaussian":
             nn.init.normal_(lora_a, std=1 / self.r[adapter_name])
+        elif init == "orthogonal":
+            _orthogonal_pair(lora_a, lora_b)
+            return
+        elif init == "eva":
+            pass  # A keeps its layer init until initialize_lora_eva_weights replaces it from data; B = 0 below
         else:
             # kaiming_uniform with a=sqrt(5) is nn.Linear's own init, which loralib uses for A.
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
