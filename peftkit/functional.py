@@ -139,10 +139,10 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | 
                       **hf_hub_download_kwargs: Any) -> dict[str, torch.Tensor]:
     """Read ``adapter_model.safetensors`` from a local directory or a Hub id (``revision``, ``subfolder``,
     ``token``, ``cache_dir``, ...) onto ``device`` (CPU by default)."""
-    from peftkit.integrations.hub import resolve_adapter_directory
+    from peftkit.integrations.hub import hub_options, resolve_adapter
 
-    directory = resolve_adapter_directory(model_id, **hf_hub_download_kwargs)
-    weights = ckpt.read_adapter_weights(directory)
+    source = resolve_adapter(model_id, hub_options("load_peft_weights", hf_hub_download_kwargs))
+    weights = ckpt.read_adapter_weights(source.directory)
     return {k: v.to(device) for k, v in weights.items()} if device is not None else weights
 
 

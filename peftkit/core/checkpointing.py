@@ -402,6 +402,6 @@ def _refuse_loader_options(ephemeral_gpu_offload: bool, low_cpu_mem_usage: bool)
     if ephemeral_gpu_offload:
         raise ValueError(
             "ephemeral_gpu_offload=True is not supported: peftkit has no ephemeral GPU offload (HF peft uses it to "
-            "initialise DoRA on CPU-offloaded weights). Drop the argument."
+            "set up weight-decomposed adapters on offloaded weights). Drop the argument."
         )
     _refuse_low_cpu_mem_usage(low_cpu_mem_usage)
