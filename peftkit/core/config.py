@@ -168,11 +168,13 @@ class PeftConfig:
             hints = "; ".join(f"{k!r} (did you mean {v}?)" for k, v in close.items() if v)
             raise PeftConfigError(
                 f"Unknown field(s) for {cls.__name__} set to a value: {', '.join(unknown_set)}. peftkit cannot tell "
-                f"what they would change, so it refuses rather than compute something else. {hints + '. ' if hints else ''}"
+                "what they would change, so it refuses rather than compute something else. "
+                f"{hints + '. ' if hints else ''}"
                 f"Valid fields: {sorted(valid)}. Remove or rename them."
             )
         if switched_off:  # every HF checkpoint carries these; debug level keeps an ordinary load quiet
-            logger.debug("Ignoring Hugging Face peft field(s) that are switched off: %s", ", ".join(sorted(switched_off)))
+            logger.debug("Ignoring Hugging Face peft field(s) that are switched off: %s",
+                         ", ".join(sorted(switched_off)))
         if unknown_unset:
             logger.warning("%s: ignoring unset field(s) peftkit does not know: %s", cls.__name__,
                            ", ".join(sorted(unknown_unset)))

@@ -66,7 +66,8 @@ def test_task_type_and_peft_type_are_string_enums_that_save_as_plain_strings(tmp
     ("FEATURE_EXTRACTION", peftkit.PeftModelForFeatureExtraction), (None, PeftModel),
 ])
 def test_get_peft_model_returns_hf_peft_s_class_for_the_task_type(task_type, cls, tmp_path: Path) -> None:
-    kind = {"SEQ_CLS": "bert", "TOKEN_CLS": "bert", "QUESTION_ANS": "bert", "SEQ_2_SEQ_LM": "t5"}.get(task_type, "gpt2")
+    kind = {"SEQ_CLS": "bert", "TOKEN_CLS": "bert", "QUESTION_ANS": "bert", "SEQ_2_SEQ_LM": "t5"}.get(task_type,
+                                                                                                  "gpt2")
     targets = {"bert": ["query", "value"], "t5": ["q", "v"], "gpt2": ["c_attn"]}[kind]
     model = get_peft_model(make_model(kind), LoraConfig(task_type=task_type, target_modules=targets))
     assert type(model) is cls and isinstance(model, PeftModel)
