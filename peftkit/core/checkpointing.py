@@ -78,7 +78,7 @@ class AdapterCheckpoints:
         state_dict: dict[str, torch.Tensor] | None = None,
         *,
         safe_serialization: bool = True,
-        save_embedding_layers: bool | str = False,
+        save_embedding_layers: bool | str = "auto",
         push_to_hub: bool = False,
         repo_id: str | None = None,
         commit_message: str | None = None,
@@ -100,8 +100,8 @@ class AdapterCheckpoints:
                 ``FULL_STATE_DICT``, DeepSpeed ZeRO-3's consolidated weights); adapter tensors are read from it
                 instead of from the live parameters, which may be shards.
             safe_serialization: Only True: peftkit writes safetensors.
-            save_embedding_layers: Only False: base embedding matrices are never written (HF peft's ``"auto"``
-                writes them when the vocabulary was resized; save the resized base yourself).
+            save_embedding_layers: ``"auto"`` or False: checkpoints hold adapter tensors only, never a base
+                embedding matrix. True is refused (as by ``get_peft_model_state_dict``).
             push_to_hub: Then upload the adapter files and a model card (``README.md``, merged into one already in
                 ``save_directory``) to ``repo_id`` (default: the directory's name); the other keywords are
                 :meth:`push_to_hub`'s.
@@ -110,13 +110,17 @@ class AdapterCheckpoints:
             CheckpointError: an adapter tensor is a shard (a DTensor, or the empty placeholder FSDP1 and ZeRO-3
                 leave on a rank); writing it would give an empty or partial checkpoint. Nothing is written.
         """
-        hub.refuse_kwargs("PeftModel.save_pretrained", kwargs, accepted=())
+        hub.refuse_kwargs("PeftModel.save_pretrained", kwargs, accepted=(
+            "selected_adapters", "is_main_process", "state_dict", "safe_serialization", "save_embedding_layers",
+            "push_to_hub", "repo_id", "commit_message", "commit_description", "private", "token", "revision",
+            "create_pr", "tags"))
         if safe_serialization is not True:
             raise ValueError("peftkit writes safetensors only; drop safe_serialization=False.")
-        if save_embedding_layers is not False:
+        if save_embedding_layers not in ("auto", False):
             raise ValueError(
-                f"save_embedding_layers={save_embedding_layers!r} is not supported: peftkit writes adapter tensors "
-                "only, never a base embedding matrix. Drop the argument and save a resized base model yourself."
+                f"save_embedding_layers={save_embedding_layers!r} is not supported: peftkit checkpoints hold adapter "
+                "tensors only. For a resized vocabulary, put the embedding and output layers in modules_to_save "
+                "(they are then saved whole)."
             )
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_known(names)
@@ -300,7 +304,7 @@ class AdapterCheckpoints:
         )
         if differ:
             raise PeftConfigError(
-                f"Cannot hot-swap {source.label!r} into adapter {adapter_name!r}: the configs differ in {differ}. "
+                f"Cannot hot-swap {source.label} into adapter {adapter_name!r}: the configs differ in {differ}. "
                 "Load it under a new name with load_adapter instead."
             )
         self._load_weights(adapter_name, weights, source.label)
@@ -331,7 +335,7 @@ class AdapterCheckpoints:
         problems = ckpt.check_against_model(weights, expected_all, where)
         if problems:
             raise CheckpointError(
-                f"The checkpoint in {where!r} does not fit this model ({len(problems)} problem(s)); nothing was "
+                f"The checkpoint in {where} does not fit this model ({len(problems)} problem(s)); nothing was "
                 "loaded:\n  - " + "\n  - ".join(problems)
             )
         with torch.no_grad():

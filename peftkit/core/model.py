@@ -24,6 +24,7 @@ from peftkit.core.errors import AdapterNotFoundError, NotMergeableError, PeftCon
 from peftkit.core.inject import adapter_layers, add_modules_to_save, inject_adapter, remove_adapter, replace_module
 from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, AdapterModule, AdapterModuleGroup
 from peftkit.core.registry import ForwardCall, PeftMethod, method_for
+from peftkit.integrations import trainer_hook
 from peftkit.integrations.transformers import task_head_names
 
 __all__ = ["PeftModel", "get_peft_model"]
@@ -100,6 +101,11 @@ class PeftModel(AdapterCheckpoints, nn.Module):
     # ``PeftModel.from_pretrained`` pick the subclass registered for a config's ``task_type``.
     task_type: ClassVar[TaskType | None] = None
 
+    # Trainer integration: transformers' Trainer refuses a quantized model (QLoRA) unless this says adapters are
+    # attached; its own PEFT integration sets it on the models it adapts, and nothing else reads it off a model that
+    # is not a PreTrainedModel. ``__init__`` arms adapter-only Trainer checkpoints (integrations/trainer_hook.py).
+    _hf_peft_config_loaded: ClassVar[bool] = True
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("task_type") is not None:
@@ -146,6 +152,7 @@ class PeftModel(AdapterCheckpoints, nn.Module):
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
         if checkpointing:
             self._inputs_require_grads()
+        trainer_hook.arm()  # Trainer integration
 
     def _inputs_require_grads(self) -> None:
         # Reentrant checkpointing drops the gradients of a block whose inputs do not require grad, and with a
@@ -388,10 +395,14 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         changes: dict[str, Any] = {}
         if isinstance(config, TunerConfig) and config.target_modules is None:
             defaults = method.default_target_modules(model)
-            if defaults is None:
+            if defaults is None:  # no table entry, and no attention block to derive targets from
+                from peftkit.integrations.default_targets import describe_candidates
+
                 raise PeftConfigError(
                     f"{type(config).__name__}.target_modules is None and peftkit has no default for "
-                    f"{type(model).__name__}; pass target_modules (names from model.named_modules())."
+                    f"{type(model).__name__}: no table knows its model_type and it has no attention block to take "
+                    f"the projections from. Its linear layers: {describe_candidates(model)}; pass target_modules "
+                    "(names from model.named_modules(), or 'all-linear')."
                 )
             changes["target_modules"] = defaults
         if not heads:

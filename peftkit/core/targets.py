@@ -7,6 +7,7 @@ Matching runs on the names a user sees in ``model.named_modules()``; modules ins
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from collections.abc import Iterator
 
@@ -18,6 +19,8 @@ from peftkit.core.layer import AdapterLayer, base_layer_of
 __all__ = [
     "ALL_LINEAR", "candidate_modules", "get_module", "logical_name", "match_targets", "layer_index", "is_linear_like",
 ]
+
+logger = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"
 _DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "block", "blocks")
@@ -87,9 +90,12 @@ def match_targets(
 ) -> list[str]:
     """Return the names of the modules to wrap, in model order.
 
+    A list needs only one entry that matches (HF peft's rule); the entries that match nothing are logged at debug
+    level.
+
     Raises:
-        TargetModuleError: an entry of a target list matches no module (close names are listed), or nothing
-            matches at all.
+        TargetModuleError: no entry of a target list matches (close names are listed), or nothing is left after
+            ``exclude_modules`` / ``layers_to_transform``.
     """
     candidates = list(candidate_modules(model))
     names = [n for n, _ in candidates]
@@ -98,15 +104,20 @@ def match_targets(
         head = _output_head_name(model)
         selected = [n for n, m in candidates if is_linear_like(m) and n != head]
     else:
+        selected = [n for n in names if _matches(n, target_modules)]
         if isinstance(target_modules, list):
+            # HF peft's rule: a list needs one entry that matches. Recipes and checkpoints made for several
+            # architectures name modules a given model lacks; wrapping what exists computes what HF peft does.
             missing = [key for key in target_modules if not any(_matches(n, [key]) for n in names)]
-            if missing:
+            if not selected:
                 hints = "; ".join(f"{key!r}: close names {_close_names(key, names)}" for key in missing)
                 raise TargetModuleError(
                     f"target_modules {missing} match no module of {type(model).__name__} ({hints}). "
-                    "Fix the names or remove them; model.named_modules() lists what exists."
+                    "Fix the names; model.named_modules() lists what exists."
                 )
-        selected = [n for n in names if _matches(n, target_modules)]
+            if missing:
+                logger.debug("target_modules %s match no module of %s; wrapping the modules the other entries match.",
+                             missing, type(model).__name__)
     if exclude_modules:
         selected = [n for n in selected if not _matches(n, exclude_modules)]
     if layers_to_transform is not None:

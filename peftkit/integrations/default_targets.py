@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from peftkit.core.layer import base_layer_of
-from peftkit.core.targets import candidate_modules, is_linear_like
+from peftkit.core.targets import ALL_LINEAR, candidate_modules, is_linear_like
 from peftkit.integrations.transformers import model_type
 
 __all__ = [
     "ADALORA_TARGETS", "IA3_FEEDFORWARD", "IA3_TARGETS", "LORA_TARGETS", "AttentionBlock", "attention_blocks",
-    "default_targets", "derive_key_value_feedforward", "derive_placements", "derive_query_value", "describe_candidates",
-    "feedforward_entries", "table_entry",
+    "default_targets", "derive_key_value_feedforward", "derive_placements", "derive_query_value",
+    "describe_candidates", "feedforward_entries", "table_entry",
 ]
 
 Targets = list[str] | str
@@ -54,7 +54,8 @@ LORA_TARGETS: dict[str, Targets] = {
     "falcon": ["query_key_value"], "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"], "mistral": _QV,
     "mixtral": _QV, "stablelm": _QV, "phi": ["q_proj", "v_proj", "fc1", "fc2"], "gemma": _QV, "gemma2": _QV,
     "gemma3_text": _QV, "gemma4": _GEMMA4, "qwen2": _QV, "qwen3": _QV, "nemotron_h": _NEMOTRON_H,
-    "rwkv": ["key", "value", "receptance", "output"], "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
     # peftkit's own entries (HF derives nothing for these; the module tree would give the same names). ViT's
     # projections are q_proj/v_proj from transformers 5 on, query/value before.
     "albert": _QUERY_VALUE, "distilbert": ["q_lin", "v_lin"], "vit": ["query", "value", "q_proj", "v_proj"],
@@ -119,6 +120,8 @@ _CROSS = re.compile(r"cross|encdec|enc_dec|encoder_attn", re.IGNORECASE)
 _FUSED = re.compile(r"qkv|query_key_value|^c_attn$|^w_?pack$|^in_proj$", re.IGNORECASE)
 _TOKENS = {"query": {"q", "query", "queries", "wq"}, "key": {"k", "key", "keys", "wk"},
            "value": {"v", "value", "values", "wv"}, "kv": {"kv", "wkv"}}
+_OUTPUT_TOKENS = {"o", "out", "output", "wo"}
+_OUTPUT_NAMES = {"proj", "c_proj", "dense"}
 # Linears near attention that are not its q/k/v: relative-position and gate projections.
 _NOT_QKV = {"pos", "rel", "relative", "position", "gate", "norm", "bias"}
 
@@ -164,17 +167,24 @@ def _looks_like_attention(name: str, module: nn.Module) -> bool:
     return bool(_ATTENTION.search(words)) and "norm" not in words.lower()
 
 
+def _tokens(name: str) -> set[str]:
+    return set(re.split(r"[_\-]", name.rsplit(".", 1)[-1].lower()))
+
+
+def _named_output(name: str) -> bool:
+    return bool(_tokens(name) & _OUTPUT_TOKENS) or name.rsplit(".", 1)[-1].lower() in _OUTPUT_NAMES
+
+
 def _role_by_name(name: str) -> str | None:
-    leaf = name.rsplit(".", 1)[-1]
-    if _FUSED.search(leaf):
+    if _FUSED.search(name.rsplit(".", 1)[-1]):
         return "qkv"
-    tokens = set(re.split(r"[_\-]", leaf.lower()))
+    tokens = _tokens(name)
     if tokens & _NOT_QKV:
         return None
     return next((role for role, words in _TOKENS.items() if tokens & words), None)
 
 
-def _assign_by_name(linears: list[str]) -> dict[str, list[str]]:
+def _roles_by_name(linears: list[str]) -> dict[str, list[str]]:
     roles: dict[str, list[str]] = {}
     for name in linears:
         role = _role_by_name(name)
@@ -184,17 +194,37 @@ def _assign_by_name(linears: list[str]) -> dict[str, list[str]]:
     return roles if complete else {}
 
 
-def _assign_by_shape(inputs: list[str], sizes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+def _roles_by_shape(inputs: list[str], sizes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
     if len(inputs) == 1:
         return {"qkv": inputs}
     if len(inputs) == 2:
         return {"query": inputs[:1], "kv": inputs[1:]}
     if len(inputs) != 3:  # four or more input projections: no way to tell q from v, adapt them all
         return {"qkv": inputs} if inputs else {}
+    # Grouped-query attention: keys and values share a width the query does not have.
     outs = [sizes[n][1] for n in inputs]
     odd = next((i for i in range(3) if outs[i] != outs[(i + 1) % 3] == outs[(i + 2) % 3]), 0)
     k, v = [n for i, n in enumerate(inputs) if i != odd]
     return {"query": [inputs[odd]], "key": [k], "value": [v]}
+
+
+def _block_roles(inner: list[str], outer: list[str], sizes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """Roles of an attention module's linears ``inner``; ``outer``: linears of attention-named modules around it
+    (BERT's output projection sits beside the q/k/v module, not in it)."""
+    width = _width(inner, sizes)
+    roles = _roles_by_name(inner)
+    used = {n for names in roles.values() for n in names}
+    inner_writers = [n for n in inner if n not in used and sizes[n][1] == width]
+    outer_writers = [n for n in outer if sizes[n][1] == width]
+    named = [n for n in inner_writers if _named_output(n)]
+    if named or not outer_writers:  # the last writer; a lone linear is an input projection unless named otherwise
+        output = (named or inner_writers)[-1:] if named or len(inner) > 1 else []
+    else:
+        output = ([n for n in outer_writers if _named_output(n)] or outer_writers)[-1:]
+    if not roles:
+        inputs = [n for n in inner if n not in output and sizes[n][0] == width and not _named_output(n)]
+        roles = _roles_by_shape(inputs, sizes)
+    return {**roles, "output": output}
 
 
 def _width(names: list[str], sizes: dict[str, tuple[int, int]]) -> int:
@@ -206,8 +236,13 @@ def _width(names: list[str], sizes: dict[str, tuple[int, int]]) -> int:
 def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     """The attention blocks of ``model`` with the roles of their linears, in model order (see the module docstring)."""
     modules = dict(candidate_modules(model))
-    attention = {n for n, m in modules.items() if _looks_like_attention(n, m)}
     linears = [n for n, m in modules.items() if is_linear_like(m)]
+    attention = {n for n, m in modules.items() if _looks_like_attention(n, m)}
+    # A module named like attention that holds a sub-layer of several linears (an MLP) is a whole layer
+    # (``...CrossAttentionDecoderLayer``) or a pooling head, not an attention block.
+    attention -= {a for a in attention for child, _ in base_layer_of(modules[a]).named_children()
+                  if f"{a}.{child}" not in attention
+                  and sum(n.startswith(f"{a}.{child}.") for n in linears) >= 2}
     sizes = {n: _sizes(modules[n]) for n in linears}
     groups: dict[str, list[str]] = {}  # innermost attention module -> its linears
     for name in linears:
@@ -220,18 +255,15 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
         if any(other.startswith(name + ".") for other in groups):
             continue  # holds an inner block's output projection (BertAttention around BertSelfAttention)
         outer = [n for a in _ancestors(name) if a in groups for n in groups[a]]
-        width = _width(inner, sizes)
-        roles = _assign_by_name(inner)
-        used = set(roles and [n for v in roles.values() for n in v])
-        writers = [n for n in (outer or inner) if n not in used and sizes[n][1] == width]
-        output = writers[-1:] if outer or len(inner) > 1 else []
-        if not roles:
-            roles = _assign_by_shape([n for n in inner if n not in output and sizes[n][0] == width], sizes)
         tops = [a for a in _ancestors(name) if a in attention]
-        block = AttentionBlock(name, {**roles, "output": output}, width, top=(tops[0] if tops else name))
-        block.layer = next((a for a in reversed(_ancestors(block.top))
-                            if any(n.startswith(a + ".") and n not in owned for n in linears)), None)
-        blocks.append(block)
+        top = tops[0] if tops else name
+        # The layer is the nearest module around the attention that holds other linears (the FFN), but never
+        # above the nearest indexed one: a layer of attention alone (hybrid models) has no FFN of its own.
+        around = list(reversed(_ancestors(top)))
+        numbered = next((i for i, a in enumerate(around) if a.rsplit(".", 1)[-1].isdigit()), len(around) - 1)
+        layer = next((a for a in around[: numbered + 1]
+                      if any(n.startswith(a + ".") and n not in owned for n in linears)), None)
+        blocks.append(AttentionBlock(name, _block_roles(inner, outer, sizes), _width(inner, sizes), layer, top))
     return blocks
 
 
@@ -241,24 +273,27 @@ def _in_layer(name: str | None) -> bool:
 
 
 def _feedforward(model: nn.Module, blocks: list[AttentionBlock]) -> dict[str, tuple[str, str]]:
-    """``{layer: (up, down)}``: per transformer layer, the first linear outside attention that reads the block
-    width and the last one that writes it (the FFN's input and down projections)."""
+    """``{layer: (up, down)}`` per transformer layer: its FFN down projection, the last linear outside attention
+    that writes the block width from the width an earlier one (``up``) writes (or half of it: a fused gate and up
+    projection); without such a pair, the last linear that writes the block width."""
     modules = dict(candidate_modules(model))
-    owned = set()
-    for name, module in modules.items():
-        if is_linear_like(module) and any(a in {b.top for b in blocks} for a in _ancestors(name)):
-            owned.add(name)
+    tops = {b.top for b in blocks}
     found: dict[str, tuple[str, str]] = {}
     for block in blocks:
         if not _in_layer(block.layer) or block.layer in found or block.width is None:
             continue
         inside = [n for n, m in modules.items() if n.startswith(block.layer + ".") and is_linear_like(m)
-                  and n not in owned]
+                  and not any(a in tops for a in _ancestors(n))]
         sizes = {n: _sizes(modules[n]) for n in inside}
-        writers = [n for n in inside if sizes[n][1] == block.width]
-        narrowing = [n for n in writers if sizes[n][0] != block.width]
         readers = [n for n in inside if sizes[n][0] == block.width]
-        if writers and readers:
+        writers = [n for n in inside if sizes[n][1] == block.width]
+        pairs = [(r, w) for w in writers for r in readers
+                 if inside.index(r) < inside.index(w) and sizes[r][1] in (sizes[w][0], 2 * sizes[w][0])]
+        if pairs:
+            down = pairs[-1][1]
+            found[block.layer] = (next(r for r, w in pairs if w == down), down)
+        elif readers and writers:
+            narrowing = [n for n in writers if sizes[n][0] != block.width]
             found[block.layer] = (readers[0], (narrowing or writers)[-1])
     return found
 
@@ -276,9 +311,15 @@ def _selects(pattern: Targets, name: str) -> bool:
 
 
 def _regex(chosen: list[str]) -> str:
-    patterns = list(dict.fromkeys(
-        r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split(".")) for name in chosen
-    ))
+    """One regex for ``chosen``: an index that differs between the names becomes ``\\d+``, one they share stays."""
+    groups: dict[tuple[str, ...], list[list[str]]] = {}
+    for name in chosen:
+        parts = name.split(".")
+        groups.setdefault(tuple("#" if p.isdigit() else p for p in parts), []).append(parts)
+    patterns = []
+    for shape, members in groups.items():
+        varies = [part == "#" and len({m[i] for m in members}) > 1 for i, part in enumerate(shape)]
+        patterns.append(r"\.".join(r"\d+" if v else re.escape(p) for v, p in zip(varies, members[0])))
     return patterns[0] if len(patterns) == 1 else "(?:" + "|".join(patterns) + ")"
 
 
@@ -334,7 +375,8 @@ def feedforward_entries(model: nn.Module, target_modules: Targets) -> Targets | 
     downs = {down for _, down in _feedforward(model, blocks).values()}
     names = [n for n, _ in candidate_modules(model)]
     if isinstance(target_modules, str):
-        chosen = [n for n in names if n in downs and _selects(target_modules, n)]
+        every = target_modules == ALL_LINEAR  # the down projections are linears, never the output head
+        chosen = [n for n in names if n in downs and (every or _selects(target_modules, n))]
         return _compact(model, chosen, allow_list=False) if chosen else []
     entries = []
     for key in target_modules:
@@ -351,24 +393,23 @@ def derive_placements(model: nn.Module) -> dict[str, Targets]:
     self-attention modules; ``ffn``: the FFN modules, or each layer with ``ffn_span`` = [up, down] where the FFN is no
     module of its own. Placements that cannot be found are left out."""
     modules = dict(candidate_modules(model))
-    blocks = [b for b in attention_blocks(model) if not _CROSS.search(b.name)]
-    ffn = _feedforward(model, blocks)
+    every = attention_blocks(model)
+    ffn = _feedforward(model, every)
+    blocks = [b for b in every if not _CROSS.search(b.name)]  # AdapterHub places none after cross-attention
     out: dict[str, Targets] = {}
     houlsby = [n for b in blocks for n in b.roles["output"]] + [down for _, down in ffn.values()]
     if houlsby:
         out["houlsby"] = _compact(model, houlsby)
     if blocks:
-        out["attn"] = _compact(model, list(dict.fromkeys(b.top for b in blocks)))
+        out["attn"] = _compact(model, list(dict.fromkeys(_attention_sublayer(b) for b in blocks)))
     pfeiffer, ffn_modules, spans = [], [], set()
     for layer, (up, down) in ffn.items():
-        parent = down.rsplit(".", 1)[0]
-        later = list(modules[parent].named_children()) if parent != layer else []
-        leaf = down.rsplit(".", 1)[1]
-        after = [n for n, m in later[[n for n, _ in later].index(leaf) + 1:] if _is_norm(m)] if later else []
-        pfeiffer.append(f"{parent}.{after[0]}" if after else _numbered(layer))
+        parent, leaf = down.rsplit(".", 1)
+        norms = _norms_after(modules[parent], leaf) if parent != layer else []
+        pfeiffer.append(f"{parent}.{norms[0]}" if norms else _numbered(layer))
         common = ".".join(_common_prefix(up.split("."), down.split(".")))
         if common != layer and common.startswith(layer + "."):
-            ffn_modules.append(common)
+            ffn_modules.append(_widen(modules, common, layer))
         else:
             ffn_modules.append(layer)
             spans.add((up[len(layer) + 1:], down[len(layer) + 1:]))
@@ -381,9 +422,38 @@ def derive_placements(model: nn.Module) -> dict[str, Targets]:
     return out
 
 
+def _attention_sublayer(block: AttentionBlock) -> str:
+    """The module a parallel adapter runs beside: the attention module, or on BERT-style models the output module
+    that adds the residual (``attention.output``, called as ``(hidden_states, input_tensor)``)."""
+    output = block.roles["output"]
+    if output and not output[0].startswith(block.name + "."):
+        return output[0].rsplit(".", 1)[0]
+    return block.top
+
+
+def _norms_after(parent: nn.Module, leaf: str) -> list[str]:
+    """Norm modules registered after ``leaf`` in ``parent``: a post-LN model's norm of ``x + FFN(x)``."""
+    children = list(base_layer_of(parent).named_children())
+    index = [n for n, _ in children].index(leaf)
+    return [n for n, m in children[index + 1:] if _is_norm(m)]
+
+
 def _is_norm(module: nn.Module) -> bool:
-    name = type(base_layer_of(module)).__name__
-    return isinstance(base_layer_of(module), (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("LayerNorm", "RMSNorm"))
+    base = base_layer_of(module)
+    return isinstance(base, (nn.LayerNorm, nn.RMSNorm)) or type(base).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def _widen(modules: dict[str, nn.Module], ffn: str, layer: str) -> str:
+    """The FFN module: from the module holding the up and down projections, up to the layer's child, as long as
+    the step adds no norm (a sub-layer with its own norm and residual, T5's ``layer.2``): an MoE block holds its
+    shared expert's projections, and the adapter belongs beside the whole block."""
+    while True:
+        parent = ffn.rsplit(".", 1)[0]
+        if parent == layer or parent.rsplit(".", 1)[-1].isdigit():
+            return ffn
+        if any(_is_norm(m) for _, m in base_layer_of(modules[parent]).named_children()):
+            return ffn
+        ffn = parent
 
 
 def _numbered(name: str) -> str:
@@ -409,7 +479,7 @@ def describe_candidates(model: nn.Module, limit: int = 16) -> str:
     for name, module in candidate_modules(model):
         if is_linear_like(module):
             parts = name.split(".")
-            digits = [i for i, part in enumerate(parts) if part.isdigit()]
+            digits = [i for i, part in enumerate(parts[:-1]) if part.isdigit()]
             seen.setdefault(".".join(parts[digits[-1] + 1:]) if digits else name)
     names = list(seen)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""

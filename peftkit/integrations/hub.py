@@ -36,6 +36,7 @@ __all__ = [
     "refuse_kwargs",
     "resolve_adapter",
     "upload_adapters",
+    "write_model_card",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ class HubOptions:
 
 
 class AdapterSource(NamedTuple):
-    """A resolved adapter: the local ``directory`` with its files, and a ``label`` naming it for messages."""
+    """A resolved adapter: the local ``directory`` with its files, and a ``label`` naming it for messages (quoted
+    already: ``'/path'`` or ``'user/adapter' (revision 'main')``)."""
 
     directory: str
     label: str
@@ -101,7 +103,7 @@ class AdapterSource(NamedTuple):
 def refuse_kwargs(where: str, kwargs: dict[str, object], accepted: tuple[str, ...] = HUB_KWARGS) -> None:
     """Raise ``TypeError`` for the first keyword argument that ``where`` does not honour, saying what to do."""
     for name in kwargs:
-        reason = _REFUSED.get(name, f"it accepts {', '.join(accepted)}" if accepted else "it takes no other ones")
+        reason = _REFUSED.get(name, f"it accepts {', '.join(accepted)}")
         raise TypeError(f"{where}() does not accept the keyword argument {name!r}: {reason}.")
 
 
@@ -132,7 +134,8 @@ def resolve_adapter(model_id: str | os.PathLike, options: HubOptions, weights: b
     if not is_repo_id(path):
         if options.revision is not None and os.path.isdir(path):
             logger.warning("%r is a local directory; revision=%r is ignored.", path, options.revision)
-        return AdapterSource(os.path.join(path, options.subfolder or ""), os.path.join(path, options.subfolder or ""))
+        directory = os.path.join(path, options.subfolder or "")
+        return AdapterSource(directory, repr(directory))
     config_path = _download(path, CONFIG_NAME, options, PeftConfigError)
     # Later files come from the commit the config came from, even if the branch moves in between.
     snapshot = Path(config_path).parents[len(Path(options.subfolder or "").parts)]
@@ -225,15 +228,22 @@ def _download(repo_id: str, filename: str, options: HubOptions, error: type[Exce
     except errors.LocalEntryNotFoundError as exc:
         # hf_hub_download cannot tell "not on the Hub" from "not cached" without the network.
         why = _offline_reason(options) or f"the Hub could not be reached: {exc.__cause__ or exc}"
-        if missing_ok and _repo_cached(repo_id, options):
+        cached = _repo_cached(repo_id, options)
+        if missing_ok and cached:
             raise _Missing(f" in the cached snapshot (downloading is off: {why})") from None
         cache = options.cache_dir or huggingface_hub.constants.HF_HUB_CACHE
-        message = (
-            f"Cannot find {filename} of {label} in the Hub cache {os.fspath(cache)!r}, and downloading is off "
-            f"({why}). {repo_id!r} is not a local directory either. Download it once with network access "
-            f"(`hf download {repo_id}" + (f" --revision {options.revision}" if options.revision else "")
-            + "`), or pass the local directory save_pretrained wrote."
-        )
+        if cached:
+            message = (
+                f"The cached snapshot of {label} in {os.fspath(cache)!r} has no {filename}, and downloading is off "
+                f"({why}). Check subfolder= and revision=, or download the files with network access."
+            )
+        else:
+            message = (
+                f"Cannot find {filename} of {label} in the Hub cache {os.fspath(cache)!r}, and downloading is off "
+                f"({why}). {repo_id!r} is not a local directory either. Download it once with network access "
+                f"(`hf download {repo_id}" + (f" --revision {options.revision}" if options.revision else "")
+                + "`), or pass the local directory save_pretrained wrote."
+            )
     except errors.EntryNotFoundError:
         if missing_ok:
             raise _Missing("") from None

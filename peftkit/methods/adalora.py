@@ -24,19 +24,14 @@ from peftkit.core.errors import PeftConfigError, TargetModuleError
 from peftkit.core.inject import adapter_layers
 from peftkit.core.layer import AdapterLayer, base_layer_of
 from peftkit.core.registry import PeftMethod, register
-from peftkit.integrations.transformers import model_type
-from peftkit.methods.lora import DEFAULT_TARGETS as LORA_TARGETS
+from peftkit.integrations.default_targets import ADALORA_TARGETS, LORA_TARGETS, default_targets
 from peftkit.methods.lora import LoraConfig
 
 __all__ = ["AdaLoraConfig", "AdaLoraLinear", "RankAllocator", "AdaLoraMethod"]
 
-# HF peft's AdaLoRA defaults: every attention and MLP projection where it lists them, LoRA's q/v elsewhere.
-_ALL_PROJ = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **LORA_TARGETS, "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "bart": _ALL_PROJ, "opt": _ALL_PROJ, "roberta": ["query", "key", "value", "dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
-}
+# HF peft's AdaLoRA defaults (every attention and MLP projection where it lists them), else LoRA's, else the
+# attention's query/value projections found in the module tree.
+DEFAULT_TARGETS = ADALORA_TARGETS
 _TRIPLET = ("lora_A", "lora_E", "lora_B")
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -359,8 +354,8 @@ class AdaLoraMethod(PeftMethod):
     model_api = ("update_and_allocate", "current_ranks")
 
     @classmethod
-    def default_target_modules(cls, model: nn.Module) -> list[str] | None:
-        return DEFAULT_TARGETS.get(model_type(model) or "")
+    def default_target_modules(cls, model: nn.Module) -> list[str] | str | None:
+        return default_targets(model, ADALORA_TARGETS, LORA_TARGETS)
 
     @classmethod
     def layer_for(cls, target: nn.Module, config: AdaLoraConfig, adapter_name: str, module_name: str) -> AdapterLayer:

@@ -26,12 +26,14 @@ from peftkit.core.inject import adapter_layers
 from peftkit.core.layer import AdapterLayer, base_layer_of
 from peftkit.core.registry import PeftMethod
 from peftkit.core.targets import candidate_modules, is_linear_like
+from peftkit.integrations.default_targets import derive_placements
 from peftkit.integrations.transformers import model_type
 from peftkit.methods.gating import check_gate, gate, gate_values, new_gate, record, without_unset_gate
 
 __all__ = [
     "PLACEMENTS", "BottleneckConfigBase", "BottleneckLayer", "BottleneckMethodBase", "add_to_output",
-    "bottleneck_layers", "first_input", "is_norm_module", "linear_sizes", "placement_key", "set_skip_layers",
+    "bottleneck_layers", "first_input", "is_norm_module", "linear_sizes", "placement_key", "placements_for",
+    "set_skip_layers",
 ]
 
 
@@ -64,6 +66,13 @@ PLACEMENTS: dict[str, dict[str, list[str] | str]] = {
         "pfeiffer": r"(.*\.)?(encoder\.block\.\d+\.layer\.1|decoder\.block\.\d+\.layer\.2)",
         "ffn": ["DenseReluDense"], "attn": ["SelfAttention"]}),
 }
+
+
+def placements_for(model: nn.Module) -> dict[str, list[str] | str]:
+    """The :data:`PLACEMENTS` entry of ``model``, or for an architecture the table lacks, placements found in its
+    module tree (:func:`peftkit.integrations.default_targets.derive_placements`)."""
+    known = PLACEMENTS.get(placement_key(model))
+    return known if known is not None else derive_placements(model)
 
 
 def placement_key(model: nn.Module) -> str:
@@ -292,7 +301,7 @@ class BottleneckMethodBase(PeftMethod):
         assert isinstance(config, BottleneckConfigBase)
         if config.target_modules is not None:
             return config
-        targets = PLACEMENTS.get(placement_key(model), {}).get(config.placement())
+        targets = placements_for(model).get(config.placement())
         return dataclasses.replace(config, target_modules=targets) if targets is not None else config
 
     @classmethod

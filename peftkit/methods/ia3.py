@@ -26,36 +26,20 @@ from peftkit.core.config import TunerConfig
 from peftkit.core.errors import PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, base_layer_of
 from peftkit.core.registry import PeftMethod, register
-from peftkit.integrations.transformers import model_type
+from peftkit.integrations.default_targets import (
+    IA3_FEEDFORWARD,
+    IA3_TARGETS,
+    derive_key_value_feedforward,
+    feedforward_entries,
+    table_entry,
+)
 
 __all__ = ["IA3Config", "IA3Layer", "IA3Method"]
 
-# HF peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / _FEEDFORWARD_MODULES_MAPPING: keys (or the fused
-# qkv projection), values and the FFN down-projection, whose input (the FFN activation) is rescaled.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "gpt2": ["c_attn", "mlp.c_proj"],
-    "bloom": ["query_key_value", "mlp.dense_4h_to_h"], "roberta": ["key", "value", "output.dense"],
-    "opt": ["q_proj", "k_proj", "fc2"], "gptj": ["q_proj", "v_proj", "fc_out"],
-    "gpt_neox": ["query_key_value", "dense_4h_to_h"], "gpt_neo": ["q_proj", "v_proj", "c_proj"],
-    "bart": ["q_proj", "v_proj", "fc2"], "gpt_bigcode": ["c_attn", "mlp.c_proj"],
-    "llama": ["k_proj", "v_proj", "down_proj"], "llama4": ["q_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"], "mixtral": ["k_proj", "v_proj", "w2"],
-    "bert": ["key", "value", "output.dense"], "deberta-v2": ["key_proj", "value_proj", "output.dense"],
-    "deberta": ["in_proj", "output.dense"], "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
-    "RefinedWeb": ["query_key_value", "dense_4h_to_h"], "falcon": ["query_key_value", "dense_4h_to_h"],
-    "phi": ["q_proj", "v_proj", "fc2"], "gemma": ["q_proj", "v_proj", "down_proj"],
-    "gemma2": ["q_proj", "v_proj", "down_proj"], "gemma3_text": ["q_proj", "v_proj", "down_proj"],
-    "qwen2": ["q_proj", "v_proj", "down_proj"], "qwen3": ["q_proj", "v_proj", "down_proj"],
-}
-DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
-    "t5": ["wo"], "mt5": [], "gpt2": ["mlp.c_proj"], "bloom": ["mlp.dense_4h_to_h"], "roberta": ["output.dense"],
-    "opt": ["fc2"], "gptj": ["fc_out"], "gpt_neox": ["dense_4h_to_h"], "gpt_neo": ["c_proj"], "bart": ["fc2"],
-    "gpt_bigcode": ["mlp.c_proj"], "llama": ["down_proj"], "llama4": ["down_proj"], "mistral": ["down_proj"],
-    "mixtral": ["w2"], "bert": ["output.dense"], "deberta-v2": ["output.dense"], "deberta": ["output.dense"],
-    "RefinedWeb": ["dense_4h_to_h"], "RefinedWebModel": ["dense_4h_to_h"], "falcon": ["dense_4h_to_h"],
-    "phi": ["fc2"], "gemma": ["down_proj"], "gemma2": ["down_proj"], "gemma3_text": ["down_proj"],
-    "qwen2": ["down_proj"], "qwen3": ["down_proj"],
-}
+# HF peft's defaults per model_type: keys (or the fused qkv projection), values and the FFN down projection, whose
+# input (the FFN activation) is rescaled. Elsewhere the same roles are found in the module tree.
+DEFAULT_TARGETS = IA3_TARGETS
+DEFAULT_FEEDFORWARD = IA3_FEEDFORWARD
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -288,25 +272,37 @@ class IA3Method(PeftMethod):
     layer_class = IA3Layer
 
     @classmethod
-    def default_target_modules(cls, model: nn.Module) -> list[str] | None:
-        targets = DEFAULT_TARGETS.get(model_type(model) or "")
-        return list(targets) if targets is not None else None
+    def default_target_modules(cls, model: nn.Module) -> list[str] | str | None:
+        targets = table_entry(IA3_TARGETS, model)
+        if targets is not None:
+            return targets
+        derived = derive_key_value_feedforward(model)
+        return derived[0] if derived is not None else None
 
     @classmethod
     def prepare_config(cls, model: nn.Module, config: IA3Config) -> IA3Config:
-        """Fill ``feedforward_modules`` from the architecture's default, as HF peft does."""
+        """Fill ``feedforward_modules`` from the architecture's default, as HF peft does; for an architecture no
+        table knows, from the FFN down projections found in the module tree (with ``target_modules`` too)."""
         if config.feedforward_modules is not None:
             return config
-        defaults = DEFAULT_FEEDFORWARD.get(model_type(model) or "")
+        defaults = table_entry(IA3_FEEDFORWARD, model)
+        if defaults is None and config.target_modules is None:
+            derived = derive_key_value_feedforward(model)
+            if derived is None:  # no attention: the core reports the missing targets, listing candidates
+                return config
+            return dataclasses.replace(config, target_modules=derived[0], feedforward_modules=derived[1])
         if defaults is None:
-            raise PeftConfigError(
-                f"IA3Config.feedforward_modules is None and peftkit has no default for {type(model).__name__}; "
-                "pass feedforward_modules (the targets scaled on their input, e.g. the FFN down-projection; [] for "
-                "none)."
-            )
+            defaults = feedforward_entries(model, config.target_modules)
+            if defaults is None:
+                raise PeftConfigError(
+                    f"IA3Config.feedforward_modules is None and peftkit has no default for {type(model).__name__} "
+                    "(no attention block to tell its feed-forward layers by); pass feedforward_modules (the targets "
+                    "scaled on their input, e.g. the FFN down-projection; [] for none)."
+                )
+            return dataclasses.replace(config, feedforward_modules=defaults)
         if isinstance(config.target_modules, list):  # HF ignores defaults that are not targeted; keep it a subset
             defaults = [f for f in defaults if f in config.target_modules]
-        return dataclasses.replace(config, feedforward_modules=list(defaults))
+        return dataclasses.replace(config, feedforward_modules=defaults)
 
     @classmethod
     def layer_for(cls, target: nn.Module, config: IA3Config, adapter_name: str, module_name: str) -> AdapterLayer:

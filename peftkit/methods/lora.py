@@ -25,23 +25,14 @@ from peftkit.core.config import ANY_VALUE, PeftConfig, TunerConfig
 from peftkit.core.errors import NotMergeableError, PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, base_layer_of
 from peftkit.core.registry import PeftMethod, register
-from peftkit.integrations.transformers import model_type
+from peftkit.integrations.default_targets import LORA_TARGETS, default_targets
 from peftkit.methods.gating import check_gate, gate, gate_values, new_gate, record, without_unset_gate
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMethod"]
 
-# Query and value projections: the LoRA paper (Sec. 7.1) finds Wq+Wv as good as all four projections.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"], "falcon": ["query_key_value"],
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "albert": ["query", "value"], "vit": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "whisper": ["q_proj", "v_proj"],
-}
+# HF peft's defaults per model_type (the LoRA paper, Sec. 7.1: Wq+Wv do as well as all four projections); an
+# architecture no table knows gets its attention's query/value projections, found in the module tree.
+DEFAULT_TARGETS = LORA_TARGETS
 
 
 @dataclass(kw_only=True)
@@ -455,8 +446,8 @@ class LoraMethod(PeftMethod):
     model_api = ("gate_values",)
 
     @classmethod
-    def default_target_modules(cls, model: nn.Module) -> list[str] | None:
-        return DEFAULT_TARGETS.get(model_type(model) or "")
+    def default_target_modules(cls, model: nn.Module) -> list[str] | str | None:
+        return default_targets(model, LORA_TARGETS)
 
     @classmethod
     def layer_for(cls, target: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> AdapterLayer:

@@ -32,14 +32,13 @@ from peftkit.core.layer import AdapterLayer, base_layer_of
 from peftkit.core.registry import register
 from peftkit.core.targets import get_module, layer_index
 from peftkit.methods.bottleneck import (
-    PLACEMENTS,
     BottleneckConfigBase,
     BottleneckLayer,
     BottleneckMethodBase,
     add_to_output,
     first_input,
     linear_sizes,
-    placement_key,
+    placements_for,
     refuse_merge,
 )
 
@@ -253,7 +252,7 @@ class ParallelAdapterMethod(BottleneckMethodBase):
         assert isinstance(config, ParallelAdapterConfig)
         defaults = config.target_modules is None and config.span is None
         config = super().prepare_config(model, config)
-        span = PLACEMENTS.get(placement_key(model), {}).get(f"{config.placement()}_span")
+        span = placements_for(model).get(f"{config.placement()}_span")
         return dataclasses.replace(config, span=list(span)) if defaults and span is not None else config
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import peft
@@ -51,6 +52,44 @@ def test_target_modules_selects_every_match_when_dotted_suffix_given() -> None:
 def test_target_modules_selects_nothing_when_name_is_not_at_a_dot(partial: str) -> None:
     with pytest.raises(TargetModuleError, match="match no module"):
         get_peft_model(make_model("llama"), LoraConfig(target_modules=[partial]))
+
+
+# ---- lists naming modules the model lacks (HF peft's rule: one entry must match) ------------------------------
+def test_target_list_wraps_what_matches_and_logs_the_rest_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    # A recipe written for several architectures: GPT-2's c_attn and T5's q/v next to Llama's names.
+    with caplog.at_level(logging.DEBUG, logger="peftkit"):
+        got = targets_of("llama", target_modules=["c_attn", "q_proj", "v_proj", "q", "v"])
+    assert got == [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("q", "v")]
+    records = [r for r in caplog.records if r.name == "peftkit.core.targets" and r.levelno == logging.DEBUG]
+    assert len(records) == 1 and "['c_attn', 'q', 'v']" in records[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+
+
+def test_target_list_logs_nothing_when_every_entry_matches(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="peftkit"):
+        targets_of("llama", target_modules=["q_proj", "v_proj"])
+    assert not [r for r in caplog.records if r.name == "peftkit.core.targets"]
+
+
+def test_hf_checkpoint_loads_when_its_target_list_names_modules_the_model_lacks(tmp_path: Path) -> None:
+    hf_config = peft.LoraConfig(target_modules=["q_proj", "v_proj", "c_attn", "query_key_value"],
+                                init_lora_weights=False)
+    hf_model = peft.get_peft_model(make_model("llama"), hf_config)
+    hf_model.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    assert wrapped(ours) == [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("q", "v")]
+    inputs = without_inputs_labels("llama")
+    expected = model_logits(hf_model.eval(), inputs)
+    assert (expected - model_logits(make_model("llama"), inputs)).abs().max() > 1e-4  # the adapter acts
+    torch.testing.assert_close(model_logits(ours, inputs), expected)
+
+
+def test_target_list_raises_with_close_names_when_no_entry_matches() -> None:
+    model = make_model("llama")
+    with pytest.raises(TargetModuleError, match=r"\['c_attn', 'q_prj'\] match no module .*'q_prj': close names "
+                                                r"\['q_proj'"):
+        get_peft_model(model, LoraConfig(target_modules=["c_attn", "q_prj"]))
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
 
 
 def test_target_modules_regex_selects_full_matches_only() -> None:
@@ -164,7 +203,8 @@ def test_default_targets_follow_architecture_when_target_modules_is_none(kind: s
 def test_default_targets_raise_when_architecture_is_unknown() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(PeftConfigError, match=r"target_modules is None .* Sequential; pass target_modules"):
+    # No table entry and no attention to derive targets from: the error lists the linears to choose from.
+    with pytest.raises(PeftConfigError, match=r"no default for Sequential.* \['0', '2'\]; pass target_modules"):
         get_peft_model(model, LoraConfig())
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
     assert all(p.requires_grad for p in model.parameters())

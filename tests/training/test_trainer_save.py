@@ -4,6 +4,9 @@ adapter (``save_model``, checkpoints); resuming and ``load_best_model_at_end`` l
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -64,15 +67,46 @@ def test_save_model_writes_the_adapter_not_the_base_model(tmp_path) -> None:
     _assert_same(_adapter(reloaded), _adapter(model), rtol=0, atol=0)
 
 
-def test_stock_trainer_would_write_the_full_state_dict(tmp_path) -> None:
-    # Why PeftTrainer exists: Trainer special-cases HF peft's class only. For other models it writes the whole
-    # state dict (Llama), or fails outright when the model ties weights (GPT-2: safetensors refuses shared memory).
+def test_plain_trainer_saves_the_adapter_even_with_tied_embeddings(tmp_path) -> None:
+    # Trainer special-cases HF peft's class only; for other models it would write the whole state dict (Llama) or,
+    # after training, fail outright on GPT-2's tied embeddings (safetensors refuses shared memory). peftkit wraps the
+    # three model-file methods of Trainer itself, so the stock Trainer writes adapter files too.
+    model = _model()
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+                      train_dataset=_dataset())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for directory in (tmp_path / "checkpoint-2", tmp_path / "final"):
+        files = set(os.listdir(directory))
+        assert {"adapter_config.json", "adapter_model.safetensors", "training_args.bin"} <= files
+        assert not files & {"model.safetensors", "pytorch_model.bin"}
+    reloaded = PeftModel.from_pretrained(make_model("gpt2", seed=0), tmp_path / "final")
+    _assert_same(_adapter(reloaded), _adapter(model), rtol=0, atol=0)
     llama = get_peft_model(make_model("llama", seed=0), LoraConfig(r=4))
-    Trainer(model=llama, args=_args(tmp_path)).save_model(str(tmp_path / "stock"))
-    keys = load_file(tmp_path / "stock" / "model.safetensors").keys()
-    assert any(".base_layer.weight" in k for k in keys)
-    with pytest.raises(RuntimeError, match="share memory"):
-        Trainer(model=_model(), args=_args(tmp_path)).save_model(str(tmp_path / "stock-gpt2"))
+    Trainer(model=llama, args=_args(tmp_path)).save_model(str(tmp_path / "llama"))
+    assert "model.safetensors" not in os.listdir(tmp_path / "llama")
+
+
+def test_trainer_support_is_installed_whichever_is_imported_first() -> None:
+    script = textwrap.dedent("""
+        import sys
+        import peftkit
+        from transformers import GPT2Config, GPT2LMHeadModel
+        assert not [m for m in sys.modules if m == "transformers.trainer" or m.partition(".")[0] == "trl"]
+        base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+        model = peftkit.get_peft_model(base, peftkit.LoraConfig(r=2))
+        assert "transformers.trainer" not in sys.modules  # building a PeftModel does not import the Trainer
+        import transformers
+        Trainer = transformers.Trainer  # first import of transformers.trainer, after the model exists
+        from peftkit.integrations.trainer import enable_trainer_support
+        enable_trainer_support()
+        wrapped = Trainer.__dict__["_save"]
+        assert wrapped.__peftkit_original__ is not None and not hasattr(wrapped.__peftkit_original__,
+                                                                         "__peftkit_original__")
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr
 
 
 def test_checkpoints_hold_adapters_and_resuming_continues_identically(tmp_path) -> None:
@@ -112,15 +146,17 @@ def test_resuming_restores_every_adapter_of_a_multi_adapter_model(tmp_path) -> N
     assert fresh.active_adapters == ["default"]
 
 
+@pytest.mark.parametrize("trainer_cls", [PeftTrainer, Trainer], ids=["PeftTrainer", "Trainer"])
 @pytest.mark.parametrize("greater_is_better", [True])
-def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path, greater_is_better: bool) -> None:
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path, greater_is_better: bool,
+                                                                   trainer_cls: type[Trainer]) -> None:
     # greater_is_better=True on eval_loss makes the *worst* (first) checkpoint the best one: the reload must then
     # visibly move the weights away from the last step's.
     model = _model()
     args = _args(tmp_path, max_steps=4, learning_rate=5e-2, eval_strategy="steps", eval_steps=1, save_strategy="steps",
                  save_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
                  greater_is_better=greater_is_better, per_device_eval_batch_size=8)
-    trainer = PeftTrainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(8, seed=1))
+    trainer = trainer_cls(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(8, seed=1))
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best is not None and not best.endswith("checkpoint-4")

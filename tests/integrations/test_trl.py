@@ -1,0 +1,158 @@
+"""TRL's SFT and DPO trainers with peftkit (``peftkit.integrations.trl``): from ``peft_config=peftkit.LoraConfig``
+and from a model wrapped by ``get_peft_model``, only adapter parameters train, ``save_model`` writes the adapter
+only and it reloads to the same logits; QLoRA trains through SFT; DPO's reference is the policy itself."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from conftest import VOCAB, make_inputs, make_model, model_logits
+
+pytest.importorskip("trl")
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+from tokenizers.models import WordLevel  # noqa: E402
+from tokenizers.pre_tokenizers import Whitespace  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from peftkit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peftkit.integrations.trl import DPOTrainer, SFTTrainer  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5 renames, read by TRL
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+COMMON = {"use_cpu": True, "report_to": [], "per_device_train_batch_size": 4, "logging_steps": 1,
+          "disable_tqdm": True, "save_strategy": "no", "lr_scheduler_type": "constant", "seed": 0}
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    words = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]  # ids match the tiny Llama
+    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>", bos_token="<bos>")
+
+
+def _texts() -> Dataset:  # one batch of four sentences: memorisable in a few steps
+    return Dataset.from_dict({"text": ["w1 w2 w3 w4 w5 w6", "w7 w8 w9 w10 w11", "w12 w13 w14 w15", "w16 w17 w18"]})
+
+
+def _preferences() -> Dataset:
+    return Dataset.from_dict({"prompt": ["w1 w2", "w3 w4", "w5 w6", "w7 w8"],
+                              "chosen": [" w10 w11", " w12 w13", " w14", " w15 w16"],
+                              "rejected": [" w20", " w21 w22", " w23", " w24"]})
+
+
+def _frozen(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def _adapter(model: PeftModel, name: str = "default") -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.get_adapter_state_dict(name).items()}
+
+
+def _losses(trainer: trl.SFTTrainer) -> list[float]:
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["peft_config", "get_peft_model"])
+def test_sft_trains_only_the_adapter_and_saves_it(tmp_path, wrapped: bool) -> None:
+    base = make_model("llama", seed=0)
+    kwargs = {"model": get_peft_model(base, LoraConfig(**LORA))} if wrapped else {"model": base,
+                                                                                    "peft_config": LoraConfig(**LORA)}
+    # TRL's gradient checkpointing and bf16 defaults are exercised by the QLoRA test; off here for speed.
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=5, learning_rate=1e-2, bf16=False,
+                         gradient_checkpointing=False, **COMMON)
+    trainer = SFTTrainer(args=args, train_dataset=_texts(), processing_class=_tokenizer(), **kwargs)
+    model = trainer.model
+    assert isinstance(model, PeftModel)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    frozen, adapter = _frozen(model), _adapter(model)
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(not torch.equal(v, adapter[k]) for k, v in _adapter(model).items())
+
+    trainer.save_model(str(tmp_path / "final"))
+    files = set(os.listdir(tmp_path / "final"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}
+    reloaded = PeftModel.from_pretrained(make_model("llama", seed=0), tmp_path / "final")
+    inputs = make_inputs("llama")
+    assert torch.equal(model_logits(reloaded, inputs), model_logits(model.eval(), inputs))
+
+
+def test_sft_trains_a_qlora_model_and_checkpoints_the_adapter(tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    make_model("llama", seed=0).save_pretrained(tmp_path / "base")
+
+    def quantized() -> torch.nn.Module:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, dtype=torch.float32)
+
+    # TRL's defaults for the recipe: gradient checkpointing, bf16 autocast, adapters cast to bf16 on a 4-bit base.
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=4, learning_rate=1e-2,
+                         **{**COMMON, "save_strategy": "steps", "save_steps": 4})
+    trainer = SFTTrainer(model=quantized(), args=args, train_dataset=_texts(), processing_class=_tokenizer(),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0], losses
+    files = set(os.listdir(tmp_path / "out" / "checkpoint-4"))
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    reloaded = PeftModel.from_pretrained(quantized(), tmp_path / "out" / "checkpoint-4")
+    inputs = make_inputs("llama")
+    # Trained adapters are bf16 (TRL casts them); reloaded into fp32 ones they hold the same values.
+    torch.testing.assert_close(model_logits(reloaded.eval(), inputs), model_logits(trainer.model.eval(), inputs),
+                               atol=2e-2, rtol=0)
+
+
+def test_refusals_name_the_fix_and_leave_the_model_as_it_was(tmp_path) -> None:
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, **COMMON)
+    wrapped = get_peft_model(make_model("llama"), LoraConfig(**LORA))
+    with pytest.raises(ValueError, match="PeftModel already"):
+        SFTTrainer(wrapped, args, train_dataset=_texts(), processing_class=_tokenizer(), peft_config=LoraConfig())
+    base = make_model("llama")
+    with pytest.raises(ValueError, match="Remove 'lm_head' from target_modules"):
+        SFTTrainer(base, args, train_dataset=_texts(), processing_class=_tokenizer(),
+                   peft_config=LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert type(base.lm_head) is torch.nn.Linear and all(p.requires_grad for p in base.parameters())
+    dpo_args = trl.DPOConfig(output_dir=str(tmp_path), precompute_ref_log_probs=True, **COMMON)
+    with pytest.raises(NotImplementedError, match="precompute_ref_log_probs"):
+        DPOTrainer(base, args=dpo_args, train_dataset=_preferences(), processing_class=_tokenizer(),
+                   peft_config=LoraConfig(**LORA))
+    assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["peft_config", "get_peft_model"])
+def test_dpo_uses_the_policy_as_its_reference(tmp_path, wrapped: bool) -> None:
+    base = make_model("llama", seed=0)
+    kwargs = {"model": get_peft_model(base, LoraConfig(**LORA))} if wrapped else {"model": base,
+                                                                                    "peft_config": LoraConfig(**LORA)}
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=3, learning_rate=3e-2, bf16=False, **COMMON)
+    trainer = DPOTrainer(args=args, train_dataset=_preferences(), processing_class=_tokenizer(), **kwargs)
+    model = trainer.model
+    assert not list(trainer.ref_model.parameters())  # no second copy of the model
+    start = _adapter(model)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # reference == policy at step 0
+    assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"]
+    if wrapped:  # TRL's rule for an adapter that came with the model: a frozen copy of it is the reference
+        assert model.active_adapters == ["default"]
+        ref = _adapter(model, "ref")
+        assert all(torch.equal(ref[k], v) for k, v in start.items())
+        assert not any(p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
+    trainer.save_model(str(tmp_path / "final"))
+    assert "model.safetensors" not in os.listdir(tmp_path / "final")
+    reloaded = PeftModel.from_pretrained(make_model("llama", seed=0), tmp_path / "final")
+    inputs = make_inputs("llama")
+    assert torch.equal(model_logits(reloaded, inputs), model_logits(model.eval(), inputs))
