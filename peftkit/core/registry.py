@@ -86,8 +86,8 @@ class PeftMethod:
         return members[0]
 
     @classmethod
-    def default_target_modules(cls, model: nn.Module) -> list[str] | None:
-        """Targets used when the config gives none, or None when the architecture is unknown."""
+    def default_target_modules(cls, model: nn.Module) -> list[str] | str | None:
+        """Targets used when the config gives none (names, or a regex), or None when none can be found."""
         return None
 
     @classmethod

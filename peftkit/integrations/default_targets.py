@@ -14,7 +14,8 @@ derived from the module tree, so ``LoraConfig(task_type=...)`` alone works on it
    ``c_attn``/``qkv_proj``/``query_key_value``/``Wqkv``; ``kv``), else by shape and position: the output projection
    writes the width the block reads (the last such linear); of three input projections the query is the one whose
    width differs from the other two (grouped-query attention), else the first, and the value the last;
-3. each layer's feed-forward down projection: the last linear outside attention that writes that width.
+3. each layer's feed-forward down projection: a linear outside attention that writes that width from the width
+   an earlier one (the up projection) writes; of such pairs the widest, which is the FFN and not a side projection.
 
 Derived names are written as dotted suffixes (``["q_proj", "v_proj"]``) when those select exactly the derived
 modules, else as one regex over the full names (layer indices as ``\\d+``), else as the full names.
@@ -116,6 +117,9 @@ def default_targets(model: nn.Module, *tables: dict[str, Targets]) -> Targets | 
 
 # ---- the module tree -----------------------------------------------------------------------------------------------
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_ATTENTION_NAMES = {"attn", "attention", "self_attn", "self_attention", "selfattention", "cross_attn",
+                    "cross_attention", "crossattention", "encoder_attn", "encdecattention", "linear_attn", "mha"}
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 _CROSS = re.compile(r"cross|encdec|enc_dec|encoder_attn", re.IGNORECASE)
 _FUSED = re.compile(r"qkv|query_key_value|^c_attn$|^w_?pack$|^in_proj$", re.IGNORECASE)
 _TOKENS = {"query": {"q", "query", "queries", "wq"}, "key": {"k", "key", "keys", "wk"},
@@ -159,12 +163,22 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _looks_like_attention(name: str, module: nn.Module) -> bool:
+def _attention_evidence(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> int:
+    """2: the class says attention (``LlamaAttention``), or the attribute is a usual attention name (``self_attn``),
+    or the module is an element of such a list; 1: only the attribute name mentions it (``attn_gate_mixer``); 0: no
+    attention, or a norm (``attn_norm``) or a container."""
     base = base_layer_of(module)
-    if isinstance(base, (nn.ModuleList, nn.ModuleDict)) or is_linear_like(base):
-        return False
-    words = f"{type(base).__name__} {name.rsplit('.', 1)[-1]}"
-    return bool(_ATTENTION.search(words)) and "norm" not in words.lower()
+    if isinstance(base, _CONTAINERS) or is_linear_like(base):
+        return 0
+    cls, leaf = type(base).__name__, name.rsplit(".", 1)[-1]
+    if cls.lower().endswith("norm") or "norm" in leaf.lower():
+        return 0
+    parent = name.rsplit(".", 1)[0] if "." in name else None
+    in_list = parent is not None and isinstance(base_layer_of(modules[parent]), _CONTAINERS) and bool(
+        _ATTENTION.search(parent.rsplit(".", 1)[-1]))
+    if _ATTENTION.search(cls) or leaf.lower() in _ATTENTION_NAMES or in_list:
+        return 2
+    return 1 if _ATTENTION.search(leaf) else 0
 
 
 def _tokens(name: str) -> set[str]:
@@ -185,6 +199,7 @@ def _role_by_name(name: str) -> str | None:
 
 
 def _roles_by_name(linears: list[str]) -> dict[str, list[str]]:
+    """Roles from names, or {} unless they name a query and a value (or kv), or a fused projection."""
     roles: dict[str, list[str]] = {}
     for name in linears:
         role = _role_by_name(name)
@@ -208,12 +223,16 @@ def _roles_by_shape(inputs: list[str], sizes: dict[str, tuple[int, int]]) -> dic
     return {"query": [inputs[odd]], "key": [k], "value": [v]}
 
 
-def _block_roles(inner: list[str], outer: list[str], sizes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
-    """Roles of an attention module's linears ``inner``; ``outer``: linears of attention-named modules around it
-    (BERT's output projection sits beside the q/k/v module, not in it)."""
-    width = _width(inner, sizes)
-    roles = _roles_by_name(inner)
-    used = {n for names in roles.values() for n in names}
+def _block_roles(
+    own: list[str], inner: list[str], outer: list[str], sizes: dict[str, tuple[int, int]], by_shape: bool
+) -> dict[str, list[str]]:
+    """Roles of the linears of one attention module: ``own`` are its direct projections, ``inner`` every linear
+    inside it (helpers such as a sparse-attention indexer too, and projections grouped in a sub-module), ``outer``
+    the linears of attention-named modules around it (BERT's output projection sits beside the q/k/v module).
+    Names decide where they can, on ``own`` first; shapes only when ``by_shape`` (the module is surely attention)."""
+    width = _width(own or inner, sizes)
+    roles = _roles_by_name(own) or _roles_by_name(inner)
+    used = {n for n in inner if _role_by_name(n)}  # named q/k/v even where the names alone are not enough
     inner_writers = [n for n in inner if n not in used and sizes[n][1] == width]
     outer_writers = [n for n in outer if sizes[n][1] == width]
     named = [n for n in inner_writers if _named_output(n)]
@@ -221,9 +240,11 @@ def _block_roles(inner: list[str], outer: list[str], sizes: dict[str, tuple[int,
         output = (named or inner_writers)[-1:] if named or len(inner) > 1 else []
     else:
         output = ([n for n in outer_writers if _named_output(n)] or outer_writers)[-1:]
-    if not roles:
-        inputs = [n for n in inner if n not in output and sizes[n][0] == width and not _named_output(n)]
-        roles = _roles_by_shape(inputs, sizes)
+    for pool in (own, inner) if by_shape and not roles else ():
+        roles = _roles_by_shape([n for n in pool if n not in output and sizes[n][0] == width
+                                 and not _named_output(n)], sizes)
+        if roles:
+            break
     return {**roles, "output": output}
 
 
@@ -237,14 +258,15 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     """The attention blocks of ``model`` with the roles of their linears, in model order (see the module docstring)."""
     modules = dict(candidate_modules(model))
     linears = [n for n, m in modules.items() if is_linear_like(m)]
-    attention = {n for n, m in modules.items() if _looks_like_attention(n, m)}
-    # A module named like attention that holds a sub-layer of several linears (an MLP) is a whole layer
-    # (``...CrossAttentionDecoderLayer``) or a pooling head, not an attention block.
+    sizes = {n: _sizes(modules[n]) for n in linears}
+    evidence = {n: _attention_evidence(n, m, modules) for n, m in modules.items()}
+    attention = {n for n, e in evidence.items() if e}
+    # A module named like attention that holds an MLP is a whole layer (``...CrossAttentionDecoderLayer``) or a
+    # pooling head, not an attention block.
     attention -= {a for a in attention for child, _ in base_layer_of(modules[a]).named_children()
                   if f"{a}.{child}" not in attention
-                  and sum(n.startswith(f"{a}.{child}.") for n in linears) >= 2}
-    sizes = {n: _sizes(modules[n]) for n in linears}
-    groups: dict[str, list[str]] = {}  # innermost attention module -> its linears
+                  and _ffn_pairs([n for n in linears if n.startswith(f"{a}.{child}.")], sizes)}
+    groups: dict[str, list[str]] = {}  # innermost attention module -> the linears inside it
     for name in linears:
         owners = [a for a in _ancestors(name) if a in attention]
         if owners:
@@ -261,10 +283,29 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
         # above the nearest indexed one: a layer of attention alone (hybrid models) has no FFN of its own.
         around = list(reversed(_ancestors(top)))
         numbered = next((i for i, a in enumerate(around) if a.rsplit(".", 1)[-1].isdigit()), len(around) - 1)
+        indexed = around[numbered] if around and around[numbered].rsplit(".", 1)[-1].isdigit() else None
         layer = next((a for a in around[: numbered + 1]
-                      if any(n.startswith(a + ".") and n not in owned for n in linears)), None)
-        blocks.append(AttentionBlock(name, _block_roles(inner, outer, sizes), _width(inner, sizes), layer, top))
+                      if any(n.startswith(a + ".") and n not in owned for n in linears)), indexed)
+        own = [n for n in inner if _own(name, n, modules)]
+        roles = _block_roles(own, inner, outer, sizes, by_shape=evidence[name] == 2)
+        blocks.append(AttentionBlock(name, roles, _width(own or inner, sizes), layer, top))
     return blocks
+
+
+def _own(attention: str, name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether linear ``name`` is a projection of ``attention`` itself: its child, or inside plain containers
+    (not inside a helper module of its own, such as a sparse-attention indexer)."""
+    between = _ancestors(name)[len(_ancestors(attention)) + 1:]
+    return all(isinstance(base_layer_of(modules[a]), (*_CONTAINERS, nn.Sequential)) for a in between)
+
+
+def _ffn_pairs(
+    linears: list[str], sizes: dict[str, tuple[int, int]], width: int | None = None
+) -> list[tuple[str, str]]:
+    """``(up, down)`` pairs among ``linears`` (in order): ``down`` writes the width ``up`` reads (``width`` if given)
+    from the width ``up`` writes, or from half of it (a fused gate and up projection)."""
+    return [(r, w) for j, w in enumerate(linears) for r in linears[:j]
+            if sizes[w][1] == sizes[r][0] == (width or sizes[r][0]) and sizes[r][1] in (sizes[w][0], 2 * sizes[w][0])]
 
 
 def _in_layer(name: str | None) -> bool:
@@ -272,30 +313,36 @@ def _in_layer(name: str | None) -> bool:
     return name is not None and any(part.isdigit() for part in name.split("."))
 
 
-def _feedforward(model: nn.Module, blocks: list[AttentionBlock]) -> dict[str, tuple[str, str]]:
-    """``{layer: (up, down)}`` per transformer layer: its FFN down projection, the last linear outside attention
+def _feedforward(model: nn.Module, blocks: list[AttentionBlock]) -> list[tuple[str, str, str]]:
+    """``(layer, up, down)`` per FFN of each transformer layer. The down projection is a linear outside attention
     that writes the block width from the width an earlier one (``up``) writes (or half of it: a fused gate and up
-    projection); without such a pair, the last linear that writes the block width."""
+    projection); of such pairs the widest (not a small per-layer side projection or a shared expert). Without any
+    pair: the last linear that writes the block width."""
     modules = dict(candidate_modules(model))
     tops = {b.top for b in blocks}
-    found: dict[str, tuple[str, str]] = {}
+    found: dict[str, list[tuple[str, str, str]]] = {}
     for block in blocks:
         if not _in_layer(block.layer) or block.layer in found or block.width is None:
             continue
+        # Linears inside a norm (a gated norm's small MLP) are no FFN.
         inside = [n for n, m in modules.items() if n.startswith(block.layer + ".") and is_linear_like(m)
-                  and not any(a in tops for a in _ancestors(n))]
+                  and not any(a in tops or _is_norm(modules[a]) for a in _ancestors(n))]
         sizes = {n: _sizes(modules[n]) for n in inside}
         readers = [n for n in inside if sizes[n][0] == block.width]
         writers = [n for n in inside if sizes[n][1] == block.width]
-        pairs = [(r, w) for w in writers for r in readers
-                 if inside.index(r) < inside.index(w) and sizes[r][1] in (sizes[w][0], 2 * sizes[w][0])]
-        if pairs:
-            down = pairs[-1][1]
-            found[block.layer] = (next(r for r, w in pairs if w == down), down)
+        pairs = _ffn_pairs(inside, sizes, block.width)
+        # A down projection reads a width other than the block's; where every projection is square, shapes tell
+        # nothing and the last one is the down projection.
+        strict = [(u, d) for u, d in pairs if sizes[d][0] != block.width]
+        pairs = strict or pairs[-1:]
+        widest = max((sizes[up][1] for up, _ in pairs), default=0)
+        downs = {down: up for up, down in reversed(pairs) if sizes[up][1] == widest}  # up: the first reader
+        if downs:
+            found[block.layer] = [(block.layer, downs[d], d) for d in sorted(downs, key=inside.index)]
         elif readers and writers:
             narrowing = [n for n in writers if sizes[n][0] != block.width]
-            found[block.layer] = (readers[0], (narrowing or writers)[-1])
-    return found
+            found[block.layer] = [(block.layer, readers[0], (narrowing or writers)[-1])]
+    return [triple for triples in found.values() for triple in triples]
 
 
 # ---- writing names down --------------------------------------------------------------------------------------------
@@ -328,8 +375,9 @@ def _compact(model: nn.Module, chosen: list[str], allow_list: bool = True) -> Ta
     names = [n for n, _ in candidate_modules(model)]
     wanted = set(chosen)
     taken = {s for n in names if n not in wanted for s in _suffixes(n)}
-    keys = [next(s for s in _suffixes(n) if s not in taken) for n in chosen]
-    if allow_list and not any(part.isdigit() for key in keys for part in key.split(".")):
+    # None: even the full name is the suffix of another module's name ("layers.0" of "encoder.layers.0").
+    keys = [next((s for s in _suffixes(n) if s not in taken), None) for n in chosen]
+    if allow_list and None not in keys and not any(part.isdigit() for key in keys for part in key.split(".")):
         return list(dict.fromkeys(keys))
     regex = _regex(chosen)
     if {n for n in names if _selects(regex, n)} == wanted:
@@ -352,8 +400,8 @@ def derive_key_value_feedforward(model: nn.Module) -> tuple[Targets, Targets] | 
     attention = [n for b in blocks for n in b.picks("key", "value", "qkv", "kv")]
     if not attention:
         return None
-    downs = [down for _, down in _feedforward(model, blocks).values()]
-    chosen = [n for n in dict.fromkeys(attention + downs)]
+    downs = [down for _, _, down in _feedforward(model, blocks)]
+    chosen = list(dict.fromkeys(attention + downs))
     targets = _compact(model, chosen)
     feedforward = _compact(model, downs, allow_list=isinstance(targets, list)) if downs else []
     if isinstance(targets, list) and isinstance(feedforward, list):
@@ -372,7 +420,7 @@ def feedforward_entries(model: nn.Module, target_modules: Targets) -> Targets | 
     blocks = attention_blocks(model)
     if not blocks:
         return None
-    downs = {down for _, down in _feedforward(model, blocks).values()}
+    downs = {down for _, _, down in _feedforward(model, blocks)}
     names = [n for n, _ in candidate_modules(model)]
     if isinstance(target_modules, str):
         every = target_modules == ALL_LINEAR  # the down projections are linears, never the output head
@@ -397,13 +445,16 @@ def derive_placements(model: nn.Module) -> dict[str, Targets]:
     ffn = _feedforward(model, every)
     blocks = [b for b in every if not _CROSS.search(b.name)]  # AdapterHub places none after cross-attention
     out: dict[str, Targets] = {}
-    houlsby = [n for b in blocks for n in b.roles["output"]] + [down for _, down in ffn.values()]
-    if houlsby:
-        out["houlsby"] = _compact(model, houlsby)
+    outputs = [n for b in blocks for n in b.roles["output"]]
+    if outputs and ffn:  # Houlsby needs both; an MoE of fused expert tensors has no linear FFN to follow
+        out["houlsby"] = _compact(model, outputs + [down for _, _, down in ffn])
     if blocks:
         out["attn"] = _compact(model, list(dict.fromkeys(_attention_sublayer(b) for b in blocks)))
-    pfeiffer, ffn_modules, spans = [], [], set()
-    for layer, (up, down) in ffn.items():
+    # Pfeiffer on a pre-LN layer wraps the whole layer; layers whose FFN was found may show a post-LN norm instead.
+    with_ffn = {layer for layer, _, _ in ffn}
+    pfeiffer = [_numbered(b.layer) for b in blocks if _in_layer(b.layer) and b.layer not in with_ffn]
+    ffn_modules, spans = [], []
+    for layer, up, down in ffn:
         parent, leaf = down.rsplit(".", 1)
         norms = _norms_after(modules[parent], leaf) if parent != layer else []
         pfeiffer.append(f"{parent}.{norms[0]}" if norms else _numbered(layer))
@@ -412,13 +463,14 @@ def derive_placements(model: nn.Module) -> dict[str, Targets]:
             ffn_modules.append(_widen(modules, common, layer))
         else:
             ffn_modules.append(layer)
-            spans.add((up[len(layer) + 1:], down[len(layer) + 1:]))
+            spans.append([up[len(layer) + 1:], down[len(layer) + 1:]])
     if pfeiffer:
-        out["pfeiffer"] = _compact(model, list(dict.fromkeys(pfeiffer)), allow_list=False)
-    if ffn_modules and len(spans) <= 1:
+        out["pfeiffer"] = _compact(model, sorted(set(pfeiffer), key=list(modules).index), allow_list=False)
+    # One config holds one span for all its targets: FFN modules everywhere, or the same span in every layer.
+    if ffn_modules and (not spans or (len(spans) == len(ffn_modules) and all(sp == spans[0] for sp in spans))):
         out["ffn"] = _compact(model, list(dict.fromkeys(ffn_modules)), allow_list=not spans)
         if spans:
-            out["ffn_span"] = list(spans.pop())
+            out["ffn_span"] = spans[0]
     return out
 
 

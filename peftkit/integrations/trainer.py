@@ -12,6 +12,8 @@ What ``Trainer`` inspects (transformers 5.25, ``trainer.py`` / ``trainer_utils.p
   the file is written), so these three methods are the one place to act.
 - ``__init__`` reads the label names off ``type(model).forward`` (HF peft's model is unwrapped first); a
   ``PeftModel``'s class-level forward takes ``**kwargs``, so none are found and evaluation reports no ``eval_loss``.
+  The wrapped ``__init__`` also stops TRL's own SFT/DPO trainers, which would fail at the first step on a peftkit
+  model, and names ``peftkit.integrations.trl``.
 
 :class:`PeftTrainerMixin` overrides these (the explicit path: ``PeftTrainer``, or the mixin on any ``Trainer``
 subclass). :func:`enable_trainer_support` wraps the same methods of ``transformers.Trainer`` itself, so that the
@@ -138,10 +140,26 @@ class PeftTrainer(PeftTrainerMixin, Trainer):
     ``Trainer``."""
 
 
+# TRL trainers that recognise HF peft only and cannot run a peftkit model (their fused LM head lands on the
+# PeftModel); peftkit.integrations.trl has drop-in replacements.
+_TRL_REPLACED = ("SFTTrainer", "DPOTrainer")
+
+
+def _refuse_stock_trl(trainer: Trainer) -> None:
+    mro = type(trainer).__mro__
+    if _peftkit_model(trainer.model) is None or any(c.__module__ == "peftkit.integrations.trl" for c in mro):
+        return
+    for cls in mro:
+        if cls.__module__.startswith("trl.") and cls.__name__ in _TRL_REPLACED:
+            raise TypeError(f"trl.{cls.__name__} cannot train a peftkit model (it recognises HF peft's PeftModel "
+                            f"only); use peftkit.integrations.trl.{cls.__name__}, which takes the same arguments.")
+
+
 def _after_init(original: Callable) -> Callable:
     @functools.wraps(original)
     def __init__(self: Trainer, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
+        _refuse_stock_trl(self)
         _use_base_labels(self)
 
     return __init__
@@ -171,9 +189,10 @@ def enable_trainer_support() -> None:
 
     Wraps ``Trainer._save``, ``_load_from_checkpoint`` and ``_load_best_model`` (a peftkit model, possibly inside
     DDP / FSDP / compile wrappers, takes the adapter path; any other model the original method, with the same
-    arguments) and ``__init__`` (label names, set after the original for peftkit models only). A patch rather than
-    an extension point because ``Trainer`` has none for model files (see the module docstring). It runs on import
-    of this module; calling it again does nothing.
+    arguments) and ``__init__`` (for peftkit models only, after the original: the base model's label names, and a
+    refusal naming ``peftkit.integrations.trl`` from TRL's SFT/DPO trainers, which cannot run them). A patch
+    rather than an extension point because ``Trainer`` has none for model files (see the module docstring). It
+    runs on import of this module; calling it again does nothing.
     """
     for name, wrap in _WRAPPERS.items():
         current = Trainer.__dict__[name]

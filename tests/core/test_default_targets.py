@@ -17,7 +17,7 @@ import torch
 import transformers
 from torch import nn
 
-from peftkit import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig, PeftConfigError, get_peft_model
+from peftkit import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig, PeftConfigError, PeftModel, get_peft_model
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.targets import layer_index, match_targets
 from peftkit.integrations import default_targets as dt
@@ -389,3 +389,16 @@ def test_adapters_place_themselves_on_architectures_no_table_knows(model_type: s
             out = loss_of(peft_model, model_type)
             with peft_model.disable_adapter():
                 assert not torch.allclose(out, loss_of(peft_model, model_type))
+
+
+def test_derived_targets_round_trip_through_a_checkpoint(tmp_path) -> None:
+    # The regex written down for the toy model's FFN must select the same modules when the adapter is loaded.
+    torch.manual_seed(0)
+    model = get_peft_model(ToyLM(), IA3Config(init_ia3_weights=False))
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    reloaded = PeftModel.from_pretrained(ToyLM(), tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), model(ids))
+    assert wrapped(reloaded, IA3Layer) == wrapped(model, IA3Layer)

@@ -225,7 +225,8 @@ def test_load_adapter_leaves_peft_model_unchanged_when_config_targets_are_absent
 def test_from_pretrained_lists_valid_fields_when_config_has_unknown_field(saved_adapter) -> None:
     directory = saved_adapter()
     rewrite_config(directory, lora_rank=4)
-    assert_from_pretrained_refused(directory, PeftConfigError, "Unknown field(s)", "lora_rank=4", "Valid fields", "'r'")
+    assert_from_pretrained_refused(directory, PeftConfigError, "Unknown field(s)", "lora_rank=4", "Valid fields",
+                                   "'r'")
 
 
 @pytest.mark.parametrize("field_value", [{"use_dora": True}, {"lora_bias": True}, {"layer_replication": [[0, 1]]}])

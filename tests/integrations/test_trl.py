@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -120,6 +123,8 @@ def test_refusals_name_the_fix_and_leave_the_model_as_it_was(tmp_path) -> None:
     wrapped = get_peft_model(make_model("llama"), LoraConfig(**LORA))
     with pytest.raises(ValueError, match="PeftModel already"):
         SFTTrainer(wrapped, args, train_dataset=_texts(), processing_class=_tokenizer(), peft_config=LoraConfig())
+    with pytest.raises(TypeError, match="use peftkit.integrations.trl.SFTTrainer"):  # TRL's own, before any step
+        trl.SFTTrainer(wrapped, args, train_dataset=_texts(), processing_class=_tokenizer())
     base = make_model("llama")
     with pytest.raises(ValueError, match="Remove 'lm_head' from target_modules"):
         SFTTrainer(base, args, train_dataset=_texts(), processing_class=_tokenizer(),
@@ -156,3 +161,37 @@ def test_dpo_uses_the_policy_as_its_reference(tmp_path, wrapped: bool) -> None:
     reloaded = PeftModel.from_pretrained(make_model("llama", seed=0), tmp_path / "final")
     inputs = make_inputs("llama")
     assert torch.equal(model_logits(reloaded, inputs), model_logits(model.eval(), inputs))
+
+
+def test_sft_works_without_hf_peft_installed(tmp_path) -> None:
+    script = textwrap.dedent("""
+        import importlib.machinery, importlib.util, sys
+
+        class NoPeft:  # HF peft as if not installed: transformers and TRL see no spec, an import fails
+            def find_spec(self, name, path=None, target=None):
+                return importlib.machinery.ModuleSpec(name, self) if name.partition(".")[0] == "peft" else None
+            def create_module(self, spec):
+                raise ModuleNotFoundError(f"No module named {spec.name!r}")
+            def exec_module(self, module):
+                pass
+
+        sys.meta_path.insert(0, NoPeft())
+        real_find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, package=None: (
+            None if name.partition(".")[0] == "peft" else real_find_spec(name, package))
+        sys.path[:0] = [sys.argv[2], sys.argv[2] + "/integrations"]
+        import trl
+        from conftest import make_model
+        from test_trl import COMMON, LORA, _texts, _tokenizer
+        from peftkit import LoraConfig
+        from peftkit.integrations.trl import SFTTrainer
+        args = trl.SFTConfig(output_dir=sys.argv[1], max_steps=1, bf16=False, gradient_checkpointing=False, **COMMON)
+        SFTTrainer(make_model("llama"), args, train_dataset=_texts(), processing_class=_tokenizer(),
+                   peft_config=LoraConfig(**LORA)).train()
+        assert "peft" not in sys.modules
+        print("OK")
+    """)
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), tests], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
