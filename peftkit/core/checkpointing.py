@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import tempfile
@@ -235,11 +236,11 @@ class AdapterCheckpoints:
         """
         options = hub.hub_options("PeftModel.from_pretrained", kwargs)
         _refuse_loader_options(ephemeral_gpu_offload, low_cpu_mem_usage)
-        source, saved, weights = _read_adapter(model_id, options, key_mapping, need_config=config is None)
+        source, saved, weights, mismatch = _read_adapter(model_id, options, key_mapping, need_config=config is None)
         config = dataclasses.replace(config or saved, inference_mode=not is_trainable)
         peft_model = cls.class_for(config)(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            peft_model._load_weights(adapter_name, weights, source.label)
+            peft_model._load_weights(adapter_name, weights, source.label, mismatch)
         except BaseException:
             peft_model.unload()
             raise
@@ -263,15 +264,15 @@ class AdapterCheckpoints:
         """
         options = hub.hub_options("PeftModel.load_adapter", kwargs)
         _refuse_loader_options(ephemeral_gpu_offload, low_cpu_mem_usage)
-        source, saved, weights = _read_adapter(model_id, options, key_mapping)
+        source, saved, weights, mismatch = _read_adapter(model_id, options, key_mapping)
         if adapter_name in self.peft_config:
-            self._hotswap(adapter_name, source, saved, weights)
+            self._hotswap(adapter_name, source, saved, weights, mismatch)
             return
         self.add_adapter(adapter_name, dataclasses.replace(saved, inference_mode=not is_trainable))
         try:
             if not autocast_adapter_dtype:
                 self._cast_adapter_to_base_dtype(adapter_name)
-            self._load_weights(adapter_name, weights, source.label)
+            self._load_weights(adapter_name, weights, source.label, mismatch)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
@@ -296,7 +297,7 @@ class AdapterCheckpoints:
         self._hotswap(adapter_name, *_read_adapter(model_id, options))
 
     def _hotswap(self, adapter_name: str, source: hub.AdapterSource, saved: PeftConfig,
-                 weights: dict[str, torch.Tensor]) -> None:
+                 weights: dict[str, torch.Tensor], mismatch: list[str]) -> None:
         ours, theirs = self.peft_config[adapter_name].to_dict(), saved.to_dict()
         differ = sorted(
             k for k in ours.keys() | theirs.keys()
@@ -307,7 +308,7 @@ class AdapterCheckpoints:
                 f"Cannot hot-swap {source.label} into adapter {adapter_name!r}: the configs differ in {differ}. "
                 "Load it under a new name with load_adapter instead."
             )
-        self._load_weights(adapter_name, weights, source.label)
+        self._load_weights(adapter_name, weights, source.label, mismatch)
 
     def _base_overrides(self, keys: list[str]) -> dict[str, nn.Parameter]:
         """Checkpoint keys naming base parameters of wrapped modules, e.g. the full embedding matrix HF peft saves
@@ -322,7 +323,8 @@ class AdapterCheckpoints:
                     found[key] = model.get_parameter(name)
         return found
 
-    def _load_weights(self, adapter_name: str, weights: dict[str, torch.Tensor], where: str) -> None:
+    def _load_weights(self, adapter_name: str, weights: dict[str, torch.Tensor], where: str,
+                      mismatch: list[str] | None = None) -> None:
         expected = self.get_adapter_state_dict(adapter_name, live=True)
         overrides = self._base_overrides([k for k in weights if k not in expected])
         expected_all = {**expected, **overrides}
@@ -332,7 +334,7 @@ class AdapterCheckpoints:
                 f"{len(on_meta)} adapter tensor(s) are on the meta device (e.g. {on_meta[0]}); nothing was loaded. "
                 "Give the model real storage first: peftkit.integrations.training.materialize_meta_tensors(model)."
             )
-        problems = ckpt.check_against_model(weights, expected_all, where)
+        problems = ckpt.check_against_model(weights, expected_all, where) + (mismatch or [])
         if problems:
             raise CheckpointError(
                 f"The checkpoint in {where} does not fit this model ({len(problems)} problem(s)); nothing was "
@@ -381,11 +383,18 @@ def _refuse_shards(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
 def _read_adapter(
     model_id: str | os.PathLike, options: hub.HubOptions, key_mapping: dict[str, str] | None = None,
     need_config: bool = True,
-) -> tuple[hub.AdapterSource, PeftConfig | None, dict[str, torch.Tensor]]:
-    """The adapter's files, from a local directory or the Hub: where they are, the config and the weights."""
+) -> tuple[hub.AdapterSource, PeftConfig | None, dict[str, torch.Tensor], list[str]]:
+    """The adapter's files, from a local directory or the Hub: where they are, the config, the weights, and how
+    the config differs from the one the weights were saved with (one line per field; see ``_config_mismatch``)."""
     source = hub.resolve_adapter(model_id, options)
-    config = PeftConfig.from_pretrained(source.directory) if need_config else None
-    weights = ckpt.read_adapter_weights(source.directory)
+    with ckpt.directory_lock(source.directory, shared=True):  # no writer changes the pair while it is read
+        resumed = ckpt.interrupted_save_config(source.directory) if need_config else None
+        if resumed is not None:  # a save killed between its renames: its weights are complete, take their config
+            config = PeftConfig.from_dict(json.loads(resumed))
+        else:
+            config = PeftConfig.from_pretrained(source.directory) if need_config else None
+        weights, saved_text = ckpt.read_adapter_files(source.directory)
+    mismatch = _config_mismatch(config, saved_text, source.label) if config is not None else []
     if key_mapping:  # HF peft's semantics: keys without the prefix, the first pattern that matches wins
         remapped = {}
         for key, tensor in weights.items():
@@ -397,7 +406,29 @@ def _read_adapter(
                     break
             remapped[prefix + name] = tensor
         weights = remapped
-    return source, config, weights
+    return source, config, weights, mismatch
+
+
+def _config_mismatch(config: PeftConfig, saved_text: str | None, where: str) -> list[str]:
+    """How ``adapter_config.json`` differs from the config text peftkit stored in the weights file when it saved
+    them: a config from another save (two writers without peftkit's lock, files copied together from two places)
+    or edited since. Bookkeeping and init-only fields (those a hot-swap ignores) may differ."""
+    if saved_text is None:  # another writer (HF peft): nothing to compare against
+        return []
+    try:
+        saved = PeftConfig.from_dict(json.loads(saved_text)).to_dict()
+    except (ValueError, TypeError) as exc:  # the checksum covers this text, so only a newer writer gets here
+        return [f"the config stored in the weights file of {where} cannot be read ({exc})"]
+    ours = config.to_dict()
+    differ = sorted(k for k in ours.keys() | saved.keys()
+                    if not _HOTSWAP_IGNORED.search(k) and ours.get(k) != saved.get(k))
+    if not differ:
+        return []
+    fields = ", ".join(f"{k}: {ours.get(k)!r} in adapter_config.json, {saved.get(k)!r} saved with the weights"
+                       for k in differ)
+    return [f"adapter_config.json does not belong to these weights ({fields}): the two files come from different "
+            "saves, or the config was edited after saving. Save the adapter again; to use another config with "
+            "these weights on purpose, pass config= to from_pretrained"]
 
 
 def _refuse_loader_options(ephemeral_gpu_offload: bool, low_cpu_mem_usage: bool) -> None:

@@ -10,9 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import json
 import logging
+import math
 import os
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -84,7 +89,14 @@ class PeftConfig:
     inference_mode: bool = False
     modules_to_save: list[str] | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None:
+            cls.__post_init__ = _types_checked_first(own)
+
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
         if self.task_type is not None:
@@ -224,6 +236,74 @@ class PeftConfig:
         if not isinstance(data, dict):
             raise PeftConfigError(f"{path} must hold a JSON object, found {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+def _types_checked_first(post_init: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(post_init)
+    def checked(self: PeftConfig) -> None:
+        # Validation compares and iterates field values; a value of the wrong type (a string where a number belongs,
+        # JSON's null for a dict) would otherwise escape it as a bare TypeError that names no field.
+        check_field_types(self)
+        post_init(self)
+
+    return checked
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation importable only by type checkers: those fields go unchecked
+        return {}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type; a bool is no number, and a float field holds a finite one."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, int) or isinstance(value, float) and math.isfinite(value)
+    if origin is list:  # tuples and sets too: configs turn them into lists
+        item = (typing.get_args(hint) or (Any,))[0]
+        return isinstance(value, (list, tuple, set, frozenset)) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item) for k, v in value.items())
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # a form this check does not know: the config's own validation decides
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_describe(arg) for arg in typing.get_args(hint))
+    if hint is float:
+        return "float (finite)"
+    if hint is type(None):
+        return "None"
+    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
+
+
+def check_field_types(config: PeftConfig) -> None:
+    """Raise ``PeftConfigError`` naming the first field whose value does not have its annotated type.
+
+    ``PeftConfig`` runs this before every config class's own ``__post_init__``, so validation code may compare and
+    iterate values without guarding their types.
+    """
+    for name, hint in _field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _fits(value, hint):
+            raise PeftConfigError(
+                f"{type(config).__name__}.{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})."
+            )
 
 
 @dataclass(kw_only=True)

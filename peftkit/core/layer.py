@@ -9,7 +9,7 @@ checkpoint filtering and deletion are all derived from those two tuples, never f
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -47,16 +47,37 @@ class AdapterLayer(nn.Module):
     adapter_param_names: tuple[str, ...] = ()
     adapter_attr_names: tuple[str, ...] = ()
     method_name: str = ""
+    # How the layer's output relates to the module it wraps, for the structural merge check (core/merging.py):
+    # "add": ``out = inner(x) + D(x)`` with D independent of the wrapped module, merged as ``W ← W + ΔW`` (or ``b``);
+    # "scale": inputs or outputs rescaled, merged by rescaling ``W``; "opaque": a function of the wrapped module's
+    # output that has no weight form. Only "add" layers commute, so only they merge through each other.
+    weight_effect: str = "opaque"
+    # Per-layer merge bookkeeping (beyond ``merged_adapters`` and the base module's parameters) that a rolled-back
+    # merge must put back as it was.
+    merge_state_attrs: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.active_adapters: list[str] = []
+        self._active_adapters: list[str] = []
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
         self.batch_adapter_names: list[str] | None = None
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return self._active_adapters
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self._active_adapters = list(names)
+        self._active_changed()
+
+    def _active_changed(self) -> None:
+        """Called whenever the active set changes: layers that cache per-adapter state for ``forward`` (so that a
+        compiled model does not specialise on adapter names) rebuild it here."""
+
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
@@ -156,6 +177,42 @@ class AdapterLayer(nn.Module):
         names = self.active_adapters if adapter_names is None else adapter_names
         return [n for n in names if n not in self.merged_adapters and n in self.adapter_names]
 
+    def pending_merges(self, adapter_names: list[str] | None) -> list[str]:
+        """The adapters ``merge(adapter_names)`` would fold into the weight now (held here, not merged yet)."""
+        return self._to_merge(adapter_names)
+
+    def merge_blocker(self, adapter_names: list[str]) -> str | None:
+        """Why this layer cannot fold ``adapter_names`` into its weight, or None when it can."""
+        if self.weight_effect == "opaque":
+            return f"{self.method_name or type(self).__name__} adapters compute on activations and have no weight form"
+        return None
+
+    def merge_restore_point(self) -> Callable[[], None]:
+        """A function that puts this layer and the module it wraps back exactly as they are now.
+
+        An all-or-nothing merge takes one before it changes the layer and calls it if a later layer fails. It holds
+        a copy of the base module's parameters (on the CPU: host memory is the larger pool when the weights sit on
+        an accelerator) and the objects themselves, since a merge may replace a parameter (a bias created, a
+        weight re-quantised) rather than write into it.
+        """
+        base = self.get_base_layer()
+        params = {name: (p, None if p is None or p.is_meta else p.detach().to("cpu", copy=True))
+                  for name, p in base._parameters.items()}
+        merged = list(self.merged_adapters)
+        state = {attr: copy.copy(getattr(self, attr)) for attr in self.merge_state_attrs}
+
+        def restore() -> None:
+            with torch.no_grad():
+                for name, (param, data) in params.items():
+                    base._parameters[name] = param
+                    if data is not None:
+                        param.data.copy_(data)
+            self.merged_adapters = merged
+            for attr, value in state.items():
+                setattr(self, attr, value)
+
+        return restore
+
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         """Raise if merging would give non-finite weights; computed on a copy, nothing is written."""
         names = self._to_merge(adapter_names)
@@ -231,6 +288,9 @@ class ModulesToSaveWrapper(AdapterLayer):
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         return None
+
+    def pending_merges(self, adapter_names: list[str] | None) -> list[str]:
+        return []  # nothing folds into a weight: merge_and_unload swaps the trained copy in
 
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
         # The copy replaces the original in merge_and_unload; nothing to fold in place.

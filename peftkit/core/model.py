@@ -20,9 +20,10 @@ from torch import nn
 
 from peftkit.core.checkpointing import AdapterCheckpoints
 from peftkit.core.config import PeftConfig, TaskType, TunerConfig
-from peftkit.core.errors import AdapterNotFoundError, NotMergeableError, PeftConfigError
+from peftkit.core.errors import AdapterNotFoundError, PeftConfigError
 from peftkit.core.inject import adapter_layers, add_modules_to_save, inject_adapter, remove_adapter, replace_module
 from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, AdapterModule, AdapterModuleGroup
+from peftkit.core.merging import merge_and_unload_layers, merge_layers
 from peftkit.core.registry import ForwardCall, PeftMethod, method_for
 from peftkit.integrations import trainer_hook
 from peftkit.integrations.transformers import task_head_names
@@ -134,6 +135,8 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         self.adapter_modules = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._before_forward: tuple[tuple[type[PeftMethod], str], ...] = ()  # see _refresh_step_hooks
+        self._aux_losses: tuple[tuple[type[PeftMethod], str], ...] = ()
         self._adapters_disabled = False
         self._base_snapshot: dict[str, torch.Tensor] = {}
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -205,9 +208,8 @@ class PeftModel(AdapterCheckpoints, nn.Module):
 
     def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. In training, methods' auxiliary losses are added to ``outputs.loss``."""
-        for name in self._active:
-            for method, _ in self._leaves(name):
-                method.before_forward(self, name)
+        for method, name in self._before_forward:
+            method.before_forward(self, name)
         model = self.base_model.model
         with self._mixed_batch(adapter_names, args, kwargs), self._call_context(adapter_names, args, kwargs) as call:
             if call is None:
@@ -229,12 +231,18 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         from the logits adds ``model.auxiliary_loss()`` itself.
         """
         total = None
-        for name in self._active:
-            for method, _ in self._leaves(name):
-                term = method.auxiliary_loss(self, name)
-                if term is not None:
-                    total = term if total is None else total + term
+        for method, name in self._aux_losses:
+            term = method.auxiliary_loss(self, name)
+            if term is not None:
+                total = term if total is None else total + term
         return total
+
+    def _refresh_step_hooks(self) -> None:
+        # forward reads these instead of the active names: a compiled model guards on every Python value forward
+        # reads, and adapters whose methods have no such hook (LoRA) then leave no name for it to guard on.
+        pairs = [(method, name) for name in self._active for method, _ in self._leaves(name)]
+        self._before_forward = tuple(p for p in pairs if _overrides(p[0], "before_forward"))
+        self._aux_losses = tuple(p for p in pairs if _overrides(p[0], "auxiliary_loss"))
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         model = self.base_model.model
@@ -422,6 +430,7 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         for _, layer in self._layers():
             layer.set_adapter(names)
         self._active = names
+        self._refresh_step_hooks()
         self._freeze_active = inference_mode
         self._apply_trainability()
 
@@ -458,10 +467,25 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         self._adapters_disabled = True
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove one adapter. Base parameters it trained (Houlsby's layer norms, LoRA's biases) get their original
+        values back, as ``unload()`` gives them, unless another adapter still trains them (they are shared)."""
         self._check_known([adapter_name])
+        released = {id(t) for t in self._released_base_parameters(adapter_name).values()}
+        model = self.base_model.model
+        snapshot = {name: (_parameter(model, name), original) for name, original in self._base_snapshot.items()}
         self._remove_adapter_module(adapter_name)
-        remove_adapter(self.base_model.model, adapter_name)
+        remove_adapter(model, adapter_name)
         del self.peft_config[adapter_name]
+        # Snapshot names may pass through layers just removed: re-key what is kept by the parameters' current names.
+        current = {id(t): name for name, t in model.named_parameters(remove_duplicate=False)}
+        self._base_snapshot = {}
+        with torch.no_grad():
+            for name, (param, original) in snapshot.items():
+                if id(param) in released:
+                    param.copy_(original)
+                    param.requires_grad_(False)  # frozen again, like every base parameter no adapter trains
+                else:
+                    self._base_snapshot[current.get(id(param), name)] = original
         remaining = [n for n in self._active if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
@@ -469,6 +493,19 @@ class PeftModel(AdapterCheckpoints, nn.Module):
             self.set_adapter(remaining)
         else:
             self._active = []
+            self._refresh_step_hooks()
+
+    def _released_base_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Base parameters ``adapter_name`` trains and no other adapter does."""
+        model = self.base_model.model
+
+        def claimed(name: str) -> dict[str, nn.Parameter]:
+            return {p: model.get_parameter(p) for m, leaf in self._leaves(name)
+                    for p in m.trainable_base_parameters(model, leaf)}
+
+        # By identity: two methods may spell one parameter's name differently.
+        kept = {id(t) for other in self.peft_config if other != adapter_name for t in claimed(other).values()}
+        return {name: t for name, t in claimed(adapter_name).items() if id(t) not in kept}
 
     def _check_known(self, names: list[str]) -> None:
         unknown = [n for n in names if n not in self.peft_config]
@@ -545,36 +582,11 @@ class PeftModel(AdapterCheckpoints, nn.Module):
             )
 
     # ---- merging -------------------------------------------------------------------------------------------
-    def _check_mergeable(self, names: list[str]) -> None:
-        for name in names:
-            leaves = self._leaves(name)
-            reasons = {leaf.peft_type: method.merge_blocker(leaf) for method, leaf in leaves}
-            refusing = {kind: why for kind, why in reasons.items() if why}
-            if not refusing:
-                continue
-            if len(leaves) == 1:
-                what = next(iter(refusing.values()))
-            else:
-                mergeable = [kind for kind, why in reasons.items() if not why]
-                kind = self.peft_config[name].peft_type
-                what = (f"it is a {kind} adapter whose member(s) {list(refusing)} cannot be merged "
-                        f"({'; '.join(refusing.values())}); mergeable: {mergeable or 'none'}")
-            raise NotMergeableError(
-                f"Adapter {name!r} cannot be merged into the base weights: {what}. Use unload() to remove it, or keep "
-                "it unmerged."
-            )
-
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights; ``unmerge_adapter`` undoes it."""
         names = self._active if adapter_names is None else list(adapter_names)
         self._check_known(names)
-        self._check_mergeable(names)
-        if safe_merge:  # all-or-nothing: a bad adapter must not leave half the layers merged
-            for _, layer in self._layers():
-                layer.check_merge(names)
-        # Innermost first: an outer multiplicative layer must scale the inner deltas already merged.
-        for _, layer in reversed(list(self._layers())):
-            layer.merge(names)
+        merge_layers(self, names, safe=safe_merge)  # all or nothing (core/merging.py)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self._layers():
@@ -595,15 +607,8 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         """
         names = self._active if adapter_names is None else list(adapter_names)
         self._check_known(names)
-        self._check_mergeable(names)
-        model = self.base_model.model
-        layers = list(self._layers())
-        if safe_merge:  # all-or-nothing: a bad adapter must not leave half the layers merged
-            for _, layer in layers:
-                layer.check_merge(names)
-        for name, layer in reversed(layers):
-            replace_module(model, name, layer.merged_module(names, dequantize=dequantize))
-        return model
+        merge_and_unload_layers(self, names, safe=safe_merge, dequantize=dequantize)  # all or nothing
+        return self.base_model.model
 
     def unload(self) -> nn.Module:
         """Remove every adapter and return the base model with its original modules and weights."""
@@ -650,6 +655,17 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         share = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def _overrides(method: type[PeftMethod], hook: str) -> bool:
+    return getattr(method, hook).__func__ is not getattr(PeftMethod, hook).__func__
+
 
 # ``PeftModel`` subclass per task type, filled as the subclasses are defined (peftkit.core.task_models).
 TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {}

@@ -150,6 +150,7 @@ class _QuantizedLoraLinear(LoraLinear):
         lora_a, lora_b = (m.to(device=device, dtype=torch.float32) for m in self._make_pair(r))
         self.lora_A[adapter_name], self.lora_B[adapter_name] = lora_a, lora_b
         self.reset_adapter_parameters(adapter_name, config.init_lora_weights)
+        self._refresh_slots()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if x.dtype == torch.float32:  # output dtype = input dtype: LoraLinear's fused addmm is already fp32
@@ -173,6 +174,19 @@ class _QuantizedLoraLinear(LoraLinear):
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         self._merged_weight(self._to_merge(adapter_names))
+
+    def merge_restore_point(self) -> Callable[[], None]:
+        # Re-quantising replaces the weight object and resets the layer's own quantisation state (8-bit row scales,
+        # the 4-bit quant_state the layer keeps beside its weight): a rollback must restore those objects too.
+        restore_params = super().merge_restore_point()
+        base = self.get_base_layer()
+        kept = {k: copy.copy(base.__dict__[k]) for k in ("state", "quant_state") if k in base.__dict__}
+
+        def restore() -> None:
+            restore_params()
+            base.__dict__.update(kept)
+
+        return restore
 
     def _warn_rounding(self, action: str) -> None:
         warnings.warn(

@@ -130,6 +130,7 @@ class AdaLoraLinear(AdapterLayer):
     adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling", "ranknum", "rank_mask", "pattern_base",
                           "ipt_state")
     method_name = "AdaLoRA"
+    weight_effect = "add"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdaLoraConfig, module_name: str) -> None:
         super().__init__(base_layer)

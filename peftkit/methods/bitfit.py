@@ -126,6 +126,8 @@ class BitFitLayer(AdapterLayer):
 
     adapter_param_names = ("bitfit_bias",)
     method_name = "BitFit"
+    weight_effect = "add"  # b ← b + (b_a − b₀): commutes with other additive merges
+    merge_state_attrs = ("_unmerged_bias",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BitFitConfig, module_name: str) -> None:
         super().__init__(base_layer)

@@ -125,6 +125,8 @@ class IA3Layer(AdapterLayer):
 
     adapter_param_names = ("ia3_l",)
     method_name = "(IA)³"
+    weight_effect = "scale"
+    merge_state_attrs = ("_merge_backup",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: IA3Config, module_name: str) -> None:
         super().__init__(base_layer)

@@ -25,6 +25,7 @@ from peftkit.core.config import ANY_VALUE, PeftConfig, TunerConfig
 from peftkit.core.errors import NotMergeableError, PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, base_layer_of
 from peftkit.core.registry import PeftMethod, register
+from peftkit.core.targets import candidate_modules
 from peftkit.integrations.default_targets import LORA_TARGETS, default_targets
 from peftkit.methods.gating import check_gate, gate, gate_values, new_gate, record, without_unset_gate
 
@@ -147,10 +148,14 @@ class LoraLayer(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B", "lora_gate")
     adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling", "unscaled", "gate_reduce", "gate_values")
     method_name = "LoRA"
+    weight_effect = "add"
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer)
         self.module_name = module_name  # for error messages
+        # LoraLinear's per-active-adapter view for forward (see _refresh_slots there).
+        self._slots: tuple = ()
+        self._slot_names: tuple[str, ...] = ()
         for attr in self.adapter_param_names:
             setattr(self, attr, nn.ParameterDict() if attr.startswith("lora_embedding") else nn.ModuleDict())
         self.lora_gate = nn.ModuleDict()  # gated adapters only (LoraMethod refuses gates on other than linears)
@@ -176,6 +181,13 @@ class LoraLayer(AdapterLayer):
                                "changing its scale (the merged weights would keep the old one).")
         unscaled = self.unscaled.setdefault(adapter_name, self.scaling[adapter_name])
         self.scaling[adapter_name] = unscaled * scale
+        self._refresh_slots()
+
+    def _active_changed(self) -> None:
+        self._refresh_slots()
+
+    def _refresh_slots(self) -> None:
+        """Rebuild what ``forward`` reads per active adapter; called whenever the active set or a scale changes."""
 
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
         raise NotImplementedError(f"{type(self).__name__} must define _make_pair (the A and B modules for rank r).")
@@ -197,6 +209,7 @@ class LoraLayer(AdapterLayer):
         if config.gate is not None:
             self.lora_gate[adapter_name] = new_gate(lora_a.weight.shape[1], like=lora_a.weight)
             self.gate_reduce[adapter_name] = config.gate
+        self._refresh_slots()
 
     def reset_adapter_parameters(self, adapter_name: str, init: bool | str) -> None:
         """B = 0 so the delta is zero at step 0 (LoRA paper Sec. 4.1); A as in loralib / HF peft."""
@@ -247,43 +260,28 @@ class LoraLayer(AdapterLayer):
                 result = result.index_add(0, rows, self._adapter_delta(name, x[rows]).to(result.dtype))
         return result
 
+    def merge_blocker(self, adapter_names: list[str]) -> str | None:
+        gated = [n for n in adapter_names if n in self.lora_gate]
+        if gated:
+            return (f"they are gated (gate={self.gate_reduce[gated[0]]!r}, UniPELT), and h = W0 x + G(x)·B A x "
+                    "depends on the input through G, so it has no weight form; keep them unmerged or unload()")
+        return None
+
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
-        self._check_merge_path(adapter_names)
+        self._refuse_gated(self._to_merge(adapter_names))
         super().check_merge(adapter_names)
 
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
-        self._check_merge_path(adapter_names)
+        self._refuse_gated(self._to_merge(adapter_names))
         super().merge(adapter_names, safe)
 
-    def _check_merge_path(self, adapter_names: list[str] | None) -> None:
-        """Refuse to merge through a non-mergeable adapter layer between this layer and the weight.
-
-        A method added after another on the same module wraps it: LoRA over a bottleneck adapter computes
-        ``(h + A(h)) + B A x``. Merged, ``B A`` would sit inside ``h`` and pass through the adapter, giving
-        ``h' + A(h')`` with ``h' = (W0 + B A) x``: a different function, so raise before anything is written.
-        """
-        names = self._to_merge(adapter_names)
-        gated = [n for n in names if n in self.lora_gate]
-        if gated:
-            raise NotMergeableError(
-                f"Cannot merge LoRA adapter(s) {gated} into {self.module_name or type(self).__name__}: they are gated "
-                f"(gate={self.gate_reduce[gated[0]]!r}, UniPELT), and h = W0 x + G(x)·B A x depends on the input "
-                "through G, so it has no weight form. Nothing was merged; keep them unmerged or unload()."
-            )
-        inner = self.base_layer
-        while names and isinstance(inner, AdapterLayer):
-            # AdapterLayer's own delta_weight raises: the layer has no weight delta, it computes a function of the
-            # activations (bottleneck adapters). Such a layer holding adapters is in the way of the merge.
-            if inner.adapter_names and type(inner).delta_weight is AdapterLayer.delta_weight:
-                kind = inner.method_name or type(inner).__name__
-                raise NotMergeableError(
-                    f"Cannot merge LoRA adapter(s) {names} into {self.module_name or type(self).__name__}: LoRA was "
-                    f"added after a {kind} ({type(inner).__name__}, adapter(s) {inner.adapter_names}) on the same "
-                    f"module, which sits between LoRA and the weight and cannot be merged; this module's weight is "
-                    f"unchanged. Keep LoRA unmerged, remove the {kind} first (delete_adapter / unload), or add LoRA "
-                    "before it."
-                )
-            inner = inner.base_layer
+    def _refuse_gated(self, names: list[str]) -> None:
+        # Whether LoRA may merge through the layers it is nested with is the core's structural check
+        # (peftkit/core/merging.py), which every merge path runs first; a gate rules out a weight form on its own.
+        reason = self.merge_blocker(names)
+        if reason:
+            where = self.module_name or type(self).__name__
+            raise NotMergeableError(f"Cannot merge LoRA adapter(s) {names} into {where}: {reason}. Nothing merged.")
 
     def _delta_dtype(self) -> torch.dtype:
         # CPU half-precision matmul is slow and loses precision; compute the delta in fp32 and cast once.
@@ -315,9 +313,20 @@ class LoraLinear(LoraLayer):
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
         return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=False)
 
+    def _refresh_slots(self) -> None:
+        # torch.compile guards on every Python value forward reads: adapter names read there (and ModuleDict
+        # lookups by them) would compile the model again for each new active set. forward reads these slots
+        # instead; Dynamo lifts the modules' weights as graph inputs, so switching among loaded adapters of the
+        # same shapes and scale reuses the compiled graph. Holding the modules, not their parameters, keeps the
+        # slots right when a wrapper (FSDP) swaps parameters.
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        self._slot_names = tuple(names)  # kept apart: a name inside a slot would be guarded on with it
+        self._slots = tuple(
+            (self.lora_A[n], self.lora_B[n], self.lora_dropout[n], self.scaling[n], n in self.lora_gate) for n in names
+        )
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        if adapter_name in self.lora_gate:
-            self._check_merge_path([adapter_name])  # raises: a gated update has no weight form
+        self._refuse_gated([n for n in (adapter_name,) if n in self.lora_gate])  # a gated update has no weight form
         dtype = self._delta_dtype()
         a, b = self.lora_A[adapter_name].weight.to(dtype), self.lora_B[adapter_name].weight.to(dtype)
         delta = (b @ a) * self.scaling[adapter_name]  # (out, in)
@@ -328,19 +337,23 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.batch_adapter_names is not None:
             return self._mixed_batch_forward(x, result)
-        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
-        if self.disable_adapters or not pending:  # merged: exactly the base layer's cost
+        slots, names = self._slots, self._slot_names
+        if self.merged_adapters:  # names are read (and guarded on) only while something is merged
+            kept = [i for i, n in enumerate(names) if n not in self.merged_adapters]
+            slots, names = tuple(slots[i] for i in kept), tuple(names[i] for i in kept)
+        if self.disable_adapters or not slots:  # merged: exactly the base layer's cost
             return result
         out_shape = result.shape
         result = result.reshape(-1, self.out_features)
-        for name in pending:
-            if name in self.lora_gate:  # G(x) per example or token replaces the constant scale addmm folds in
+        for i, (lora_a, lora_b, dropout, scale, gated) in enumerate(slots):
+            if gated:  # G(x) per example or token replaces the constant scale addmm folds in
+                name = names[i]
                 result = result + self._adapter_delta(name, x).reshape(result.shape).to(result.dtype)
                 continue
-            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-            hidden = F.linear(self.lora_dropout[name](x.to(lora_a.dtype)), lora_a).reshape(-1, lora_a.shape[0])
+            a, b = lora_a.weight, lora_b.weight
+            hidden = F.linear(dropout(x.to(a.dtype)), a).reshape(-1, a.shape[0])
             # addmm adds B·hidden and applies the scale inside one GEMM, sparing two passes over the output.
-            result = torch.addmm(result, hidden.to(result.dtype), lora_b.T.to(result.dtype), alpha=self.scaling[name])
+            result = torch.addmm(result, hidden.to(result.dtype), b.T.to(result.dtype), alpha=scale)
         return result.view(out_shape)
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -484,17 +497,22 @@ class LoraMethod(PeftMethod):
     def trainable_base_parameters(cls, model: nn.Module, config: LoraConfig) -> list[str]:
         if config.bias == "none":
             return []
-        heads = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-        names = []
-        for module_name, module in model.named_modules():
+        names, heads = [], []
+        for module_name, module in [("", model), *candidate_modules(model)]:
+            if isinstance(module, ModulesToSaveWrapper):  # a head trained whole: its copy holds the bias
+                heads.append(module_name)
             if any(module_name == h or module_name.startswith(h + ".") for h in heads):
                 continue
-            if config.bias == "lora_only" and not isinstance(module, LoraLayer):
+            wrapped = _holds_lora(module)
+            if config.bias == "lora_only" and not wrapped:
                 continue
-            owner = base_layer_of(module) if isinstance(module, LoraLayer) else module
-            if getattr(owner, "bias", None) is not None and isinstance(owner.bias, nn.Parameter):
-                path = module_name + (".base_layer" * _depth(module))
-                names.append(f"{path}.bias" if path else "bias")
+            if isinstance(getattr(base_layer_of(module), "bias", None), nn.Parameter):
+                # Keys name modules as the user sees them, plus HF peft's one ``base_layer`` hop for the bias of a
+                # module LoRA wraps, however many other layers nest there: a key that followed the nesting would
+                # change when another method is added to the module, and the checkpoint would no longer load.
+                # The name resolves through every nesting order (AdapterLayer forwards ``bias``).
+                key = "base_layer.bias" if wrapped else "bias"
+                names.append(f"{module_name}.{key}" if module_name else key)
         return sorted(set(names))
 
 
@@ -509,8 +527,9 @@ def _check_gated_target(base: nn.Module, config: LoraConfig, module_name: str) -
         )
 
 
-def _depth(module: nn.Module) -> int:
-    depth = 0
+def _holds_lora(module: nn.Module) -> bool:
     while isinstance(module, AdapterLayer):
-        module, depth = module.base_layer, depth + 1
-    return depth
+        if isinstance(module, LoraLayer):
+            return True
+        module = module.base_layer
+    return False

@@ -141,6 +141,14 @@ class ParallelAdapterLayer(BottleneckLayer):
         for tap in self.taps:
             tap.span_adapters[adapter_name] = None
 
+    @property
+    def weight_effect(self) -> str:
+        # M(z) + s·A(z) adds a term of the input beside the module; on a residual argument, A(x) goes through M.
+        return "opaque" if self.residual_arg else "add"
+
+    def merge_blocker(self, adapter_names: list[str]) -> str | None:
+        return f"{self.method_name}s compute on activations and have no weight form"
+
     def _with_residual(self, args: tuple, kwargs: dict, delta_of: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         if len(args) >= 2:
             x = args[1]
@@ -201,6 +209,7 @@ class ParallelAdapterTap(AdapterLayer):
 
     adapter_attr_names = ("span_adapters",)
     method_name = "Parallel adapter"
+    weight_effect = "add"  # the read end passes through, the write end adds s·A(z): merges pass it unchanged
 
     def __init__(self, base_layer: nn.Module, owner: ParallelAdapterLayer, role: str) -> None:
         super().__init__(base_layer)
@@ -235,6 +244,9 @@ class ParallelAdapterTap(AdapterLayer):
     # Like the owner's adapters: a nonlinear function of the activations, never folded into a weight.
     check_merge = refuse_merge
     merge = refuse_merge
+
+    def merge_blocker(self, adapter_names: list[str]) -> str | None:
+        return f"{self.method_name}s compute on activations and have no weight form"
 
     def unmerge(self) -> None:
         return None

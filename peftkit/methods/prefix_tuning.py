@@ -428,7 +428,14 @@ class PrefixTuning(PeftMethod):
         if kv_heads and kv_heads != config.num_attention_heads:  # grouped-query attention: prefixes per kv head
             head_dim = head_dim or config.token_dim // config.num_attention_heads
             changes.update(num_attention_heads=kv_heads, token_dim=head_dim * kv_heads)
-        return dataclasses.replace(config, **changes) if changes else config
+        config = dataclasses.replace(config, **changes) if changes else config
+        if config.token_dim % config.num_attention_heads:
+            raise PeftConfigError(
+                f"{type(config).__name__}: token_dim={config.token_dim} is not a multiple of num_attention_heads="
+                f"{config.num_attention_heads}, so the prefix cannot be split into heads. Leave both None to read "
+                "them from the model."
+            )
+        return config
 
     @classmethod
     def adapter_module(cls, peft_model: Any, config: PrefixTuningConfig, adapter_name: str) -> PrefixEncoder:

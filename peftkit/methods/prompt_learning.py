@@ -66,6 +66,10 @@ class PromptLearningConfig(PeftConfig):
             raise PeftConfigError(
                 f"num_transformer_submodules must be 1, 2 or None, got {self.num_transformer_submodules!r}."
             )
+        for name in ("token_dim", "num_attention_heads", "num_layers"):  # they shape the prompt tensors
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PeftConfigError(f"{type(self).__name__}.{name} must be a positive integer or None (read from "
+                                      f"the model), got {getattr(self, name)!r}.")
 
 
 def _config_value(model_config: Any, *names: str) -> Any:
