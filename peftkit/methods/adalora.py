@@ -247,7 +247,8 @@ class AdaLoraLinear(AdapterLayer):
         q, p = self.lora_A[adapter_name].to(dtype), self.lora_B[adapter_name].to(dtype)
         scale = self.scaling[adapter_name] / (self.ranknum[adapter_name] + 1e-5)
         delta = p @ (q * self._lambda(adapter_name).to(dtype)) * scale  # (out, in)
-        return (delta.T if self.fan_in_fan_out else delta).to(weight.dtype)
+        # Left in fp32 for a half-precision weight: AdapterLayer.merge adds it in fp32 and rounds once.
+        return delta.T if self.fan_in_fan_out else delta
 
 
 class RankAllocator:

@@ -233,8 +233,9 @@ class BitFitLayer(AdapterLayer):
             if base.bias is None:  # an added bias: the merged linear layer gets a real one
                 dtype = base.weight.dtype if base.weight.is_floating_point() else self.dtype
                 base.bias = nn.Parameter(delta.to(dtype), requires_grad=False)
-            else:
-                base.bias.add_(delta.to(base.bias.dtype))
+            else:  # summed in fp32 (at least) and rounded once: a half-precision delta would round twice
+                acc = torch.promote_types(base.bias.dtype, torch.float32)
+                base.bias.copy_(base.bias.to(acc) + delta.to(acc))
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:

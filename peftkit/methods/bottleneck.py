@@ -213,8 +213,10 @@ class BottleneckLayer(AdapterLayer):
         self.reset_adapter_parameters(adapter_name, config.init_weights)
         ref = next(base_layer_of(self).parameters(), None)
         if ref is not None:
-            # Half-precision bases keep fp32 adapters: updates of size lr·grad vanish when rounded to bf16.
-            dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+            # Half-precision bases keep fp32 adapters: updates of size lr·grad vanish when rounded to bf16. A quantised
+            # base (bitsandbytes' uint8 / int8 storage) gets fp32 adapters too, as QLoRA's.
+            low = ref.dtype in (torch.float16, torch.bfloat16) or not ref.dtype.is_floating_point
+            dtype = torch.float32 if low else ref.dtype
             for container in (self.adapter_down, self.adapter_up):
                 container[adapter_name].to(device=ref.device, dtype=dtype)
         if config.gate is not None:

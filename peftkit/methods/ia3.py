@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftkit.core.config import TunerConfig
+from peftkit.core.config import TunerConfig, check_regex
 from peftkit.core.errors import PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, base_layer_of
 from peftkit.core.registry import PeftMethod, register
@@ -78,6 +78,8 @@ class IA3Config(TunerConfig):
             self.feedforward_modules = ff = sorted(ff)
         elif ff is not None and not isinstance(ff, (str, list)):
             raise PeftConfigError(f"IA3Config.feedforward_modules must be a list, a regex string or None, got {ff!r}.")
+        elif isinstance(ff, str):
+            check_regex("IA3Config.feedforward_modules", ff)
         if isinstance(ff, list) and isinstance(self.target_modules, list) and not set(ff) <= set(self.target_modules):
             raise PeftConfigError(
                 f"IA3Config.feedforward_modules {sorted(set(ff) - set(self.target_modules))} are not in "

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.config import ANY_VALUE, PeftConfig, TunerConfig
+from peftkit.core.config import ANY_VALUE, PeftConfig, TunerConfig, check_regex
 from peftkit.core.errors import NotMergeableError, PeftConfigError, TargetModuleError
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, base_layer_of
 from peftkit.core.registry import PeftMethod, register
@@ -105,6 +105,9 @@ class LoraConfig(TunerConfig):
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
         if bad:
             raise PeftConfigError(f"LoraConfig.rank_pattern values must be positive integers, got {bad}.")
+        for name in ("rank_pattern", "alpha_pattern"):  # keys are regular expressions (HF peft's matching rule)
+            for key in getattr(self, name):
+                check_regex(f"{type(self).__name__}.{name} key", key)
         check_gate(type(self).__name__, self.gate)
 
     def to_dict(self) -> dict[str, Any]:

@@ -136,7 +136,8 @@ class BatchEngine:
         adapters: Adapters already in the pool, name → source (shown by ``/v1/models``).
         max_batch_size: Rows decoded together at most.
         max_loras: Distinct adapters in the running batch at most (default: the pool's ``max_loras`` slots).
-        eos_token_ids: Tokens that end a request (not returned to ``on_token``).
+        eos_token_ids: Tokens that end a request (not returned to ``on_token``); default: the model's
+            ``generation_config.eos_token_id``, as ``generate`` uses.
         on_step: Called after every forward with ``(phase, rows, distinct adapters, seconds)``, phase ``"prefill"`` or
             ``"decode"``.
 
@@ -145,13 +146,16 @@ class BatchEngine:
     """
 
     def __init__(self, model: nn.Module, pool: _Pool, *, adapters: dict[str, str] | None = None,
-                 max_batch_size: int = 16, max_loras: int | None = None, eos_token_ids: tuple[int, ...] = (),
+                 max_batch_size: int = 16, max_loras: int | None = None, eos_token_ids: tuple[int, ...] | None = None,
                  on_step: Callable[[str, int, int, float], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
         self.model, self.pool = model, pool
         self.max_batch_size = max_batch_size
         self.max_loras = max_loras if max_loras is not None else getattr(pool, "max_loras", None)
+        if eos_token_ids is None:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            eos_token_ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
         self.eos_token_ids = frozenset(eos_token_ids)
         self.on_step = on_step
         self._served: dict[str, str] = dict(adapters or {})
@@ -303,34 +307,36 @@ class BatchEngine:
                     if self._stop:
                         break
                     commands, admitted = list(self._commands), self._admit()
-                self._run_commands(commands)
-                self._step(admitted)
-                self._retire()
+                try:
+                    self._run_commands(commands)
+                    self._step(admitted)
+                    self._retire()
+                except Exception as exc:  # a bug, not a bad request: fail what is in flight, keep serving
+                    rows = [r.request for r in self._batch.rows] if self._batch else []
+                    self._batch = None
+                    self._fail(admitted + rows, exc)
         self._shutdown()
 
     def _step(self, admitted: list[GenerationRequest]) -> None:
-        """Prefill the admitted requests, else decode the batch; a failure fails those rows, never the thread."""
+        """Prefill the admitted requests, else decode the batch; a failure fails those rows only."""
         if admitted:
-            failed = admitted
             try:
-                return self._prefill(admitted)
-            except Exception as exc:
-                error = exc
+                self._prefill(admitted)
+            except Exception as exc:  # e.g. a prompt the model cannot take: the running rows are untouched
+                self._fail(admitted, exc)
         elif self._batch is not None:
-            failed = [r.request for r in self._batch.rows]
             try:
-                return self._decode()
+                self._decode()
             except Exception as exc:
-                error = exc
-                self._batch = None  # its cache may be half-updated
-        else:
-            return None
-        logger.exception("Generation step failed; failing its %d request(s)", len(failed), exc_info=error)
-        for request in failed:
+                rows, self._batch = [r.request for r in self._batch.rows], None  # its cache may be half-updated
+                self._fail(rows, exc)
+
+    def _fail(self, requests: list[GenerationRequest], error: Exception) -> None:
+        logger.error("Generation step failed; failing its %d request(s)", len(requests), exc_info=error)
+        for request in requests:
             self._finish(request, ERROR, error)
         with self._cond:
             self._running = [r for r in self._running if r.finish_reason is None]
-        return None
 
     def _run_commands(self, commands: list[tuple[Callable[[], bool], Future]]) -> None:
         for run, future in commands:

@@ -117,6 +117,11 @@ def _module(model: nn.Module, path: str) -> nn.Module | None:
     return module.base_layer if isinstance(module, LoraSlotLinear) else module
 
 
+def _is_linear(model: nn.Module, path: str) -> bool:
+    module = _module(model, path)
+    return module is not None and linear_shape(module) is not None
+
+
 def _missing_targets(model: nn.Module, config: LoraConfig, found: set[str]) -> list[str]:
     """Modules the config targets whose weights the checkpoint lacks (a truncated or hand-edited file)."""
     if config.target_modules is None:
@@ -128,7 +133,7 @@ def _missing_targets(model: nn.Module, config: LoraConfig, found: set[str]) -> l
         return [f"target_modules: {exc}"]
     # Slot layers the pool installed show their wrapped module as "<name>.base_layer".
     expected = {logical_name(name) for name in targets}
-    missing = sorted(n for n in expected - found if linear_shape(_module(model, n) or nn.Identity()) is not None)
+    missing = sorted(n for n in expected - found if _is_linear(model, n))
     return [f"modules the config targets have no weights: {_show(missing)}"] if missing else []
 
 

@@ -18,6 +18,7 @@ The design follows S-LoRA (https://arxiv.org/abs/2311.03285) and Punica (https:/
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
@@ -132,7 +133,8 @@ class AdapterPool:
             }
 
     # ---- load / unload -------------------------------------------------------------------------------------
-    def load_adapter(self, name: str, model_id: str, *, replace: bool = False, **hub_kwargs: object) -> None:
+    def load_adapter(self, name: str, model_id: str | os.PathLike, *, replace: bool = False,
+                     **hub_kwargs: object) -> None:
         """Load the LoRA adapter ``model_id`` (a directory or a Hub id) under ``name``.
 
         The files are read and checked against the base model first; only then does the pool change. The adapter

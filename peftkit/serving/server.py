@@ -128,7 +128,13 @@ class _EngineGauges:
             "peftkit_adapters_waiting": ("Distinct adapters of queued requests", len(stats.waiting_adapters)),
             "peftkit_adapters_loaded": ("Adapters served", stats.served_adapters),
         }
-        return [GaugeMetricFamily(name, doc, value=value) for name, (doc, value) in values.items()]
+        families = [GaugeMetricFamily(name, doc, value=value) for name, (doc, value) in values.items()]
+        pool_stats = getattr(self.engine.pool, "stats", None)  # slots, host cache, cold / warm loads, evictions
+        for key, value in (pool_stats() if pool_stats else {}).items():
+            if isinstance(value, (int, float)):
+                families.append(GaugeMetricFamily(f"peftkit_pool_{key}", f"AdapterPool.stats()['{key}']",
+                                                  value=value))
+        return families
 
 
 @dataclass

@@ -35,7 +35,9 @@ def _nested(first: str) -> PeftModel:
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    # Not state_dict(): bitsandbytes' state-dict hook re-lays out a 4-bit weight the CPU kernel has packed.
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {k: v.detach().clone() for k, v in named}
 
 
 def _merged(model: PeftModel) -> dict[str, list[str]]:
@@ -103,7 +105,7 @@ def test_merging_beneath_an_already_merged_scale_layer_is_refused() -> None:
     model.add_adapter("late", IA3Config(**IA3))
     model.set_adapter(["ia3", "lora", "late"])
     state, merged = _state(model), _merged(model)
-    with pytest.raises(NotMergeableError, match=r"'late'\] into .*: the LoRA adapter\(s\) \['lora'\].* merged already"):
+    with pytest.raises(NotMergeableError, match=r"'late'\] into .*: the LoRA adapter\(s\) \['lora'\].* merged alre"):
         model.merge_adapter(["late"])
     _assert_unchanged(model, state, merged)
     model.unmerge_adapter()
@@ -188,7 +190,7 @@ def test_a_layer_failing_half_way_leaves_every_weight_bit_identical(kind: str, p
 
 @pytest.mark.parametrize("path", ["safe_merge_adapter", "safe_merge_and_unload"])
 def test_a_non_finite_delta_half_way_is_refused_by_safe_merge(path: str) -> None:
-    model, inputs = _lora_pair(), make_inputs("gpt2")
+    model = _lora_pair()
     order = [layer for _, layer in _merge_order(model.base_model.model) if layer.pending_merges(["default"])]
     victim = order[len(order) // 2]
     victim.delta_weight = lambda name: torch.full_like(victim.get_base_layer().weight, float("nan"))
@@ -222,12 +224,18 @@ def _quantized_bert(houlsby: bool) -> PeftModel:
     return model.eval()
 
 
+def _quantized_logits(model: PeftModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    # bitsandbytes re-lays a 4-bit weight out for its CPU kernel on the first eval forward (numerics change a little).
+    model_logits(model, inputs)
+    return model_logits(model, inputs)
+
+
 @pytest.mark.filterwarnings("ignore:.*re-quantises:UserWarning")
 @pytest.mark.parametrize("path", ["merge_adapter", "safe_merge_adapter"])
 def test_quantized_lora_over_an_adapter_refuses_to_merge(path: str) -> None:
     # LoraLinear4bit overrides check_merge / merge; the core's structural check still runs first.
     model, inputs = _quantized_bert(houlsby=True), make_inputs("bert")
-    logits, state, merged = model_logits(model, inputs), _state(model), _merged(model)
+    logits, state, merged = _quantized_logits(model, inputs), _state(model), _merged(model)
     with pytest.raises(NotMergeableError, match=r"LoRA adapter\(s\) \['lora'\] into .*output\.dense.*: added after "
                                                 r"the Bottleneck adapter\(s\) \['default'\]"):
         model.merge_adapter(["lora"], safe_merge=path.startswith("safe"))
@@ -239,7 +247,7 @@ def test_quantized_lora_over_an_adapter_refuses_to_merge(path: str) -> None:
 @pytest.mark.parametrize("dequantize", [False, True])
 def test_quantized_merge_failing_half_way_restores_the_quantized_weights(dequantize: bool) -> None:
     model, inputs = _quantized_bert(houlsby=False), make_inputs("bert")
-    logits = model_logits(model, inputs)
+    logits = _quantized_logits(model, inputs)
     order = [layer for _, layer in _merge_order(model.base_model.model) if layer.pending_merges(["default"])]
     victim = order[len(order) // 2]
     victim._merged_weight = lambda names: (_ for _ in ()).throw(RuntimeError("injected failure"))

@@ -342,6 +342,30 @@ def test_two_houlsby_adapters_share_norms_refuse_mixed_batches_and_unload_restor
     assert all(torch.equal(restored[k], original[k]) for k in original)
 
 
+def test_delete_adapter_restores_houlsby_layer_norms_no_other_adapter_trains() -> None:
+    # unload() restored the trained norms but delete_adapter() left them trained (and trainable): a model with the
+    # adapter deleted then differed from the base outside any adapter.
+    base = make_model("bert")
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    norms = [k for k in original if ".encoder." in k and "LayerNorm" in k]
+    model = get_peft_model(base, AdapterConfig(variant="houlsby", r=4), adapter_name="a")
+    model.add_adapter("b", AdapterConfig(variant="houlsby", r=4))
+    model.add_adapter("lora", LoraConfig(r=2))
+    with torch.no_grad():
+        for k in norms:
+            base.get_parameter(k).add_(0.5)
+    trained = {k: base.get_parameter(k).clone() for k in norms}
+    model.delete_adapter("a")  # "b" still trains the shared norms: they stay as trained
+    assert all(torch.equal(base.get_parameter(k), trained[k]) for k in norms)
+    model.delete_adapter("b")
+    assert all(torch.equal(base.get_parameter(k), original[k]) for k in norms)
+    assert not any(base.get_parameter(k).requires_grad for k in norms)
+    model.set_adapter("lora")
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    restored = model.unload().state_dict()
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_houlsby_norm_keys_do_not_depend_on_an_adapter_wrapping_the_norms(kind: str, tmp_path) -> None:
     # Pfeiffer, added first, wraps BERT's FFN LayerNorm and GPT-2's blocks: the norms Houlsby trains sit inside it.

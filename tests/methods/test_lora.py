@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 
 class _Stack(nn.Module):
@@ -325,6 +325,38 @@ def test_bias_all_stays_trainable_for_active_adapter_when_another_is_loaded() ->
     grads = {n.removeprefix("base_model.model."): p.requires_grad for n, p in model.named_parameters()}
     assert grads["norm.bias"] and grads["mid.bias"] and grads["lin1.base_layer.bias"]
     assert grads["lin1.lora_A.a.weight"] and not grads["lin1.lora_A.b.weight"]
+
+
+@pytest.mark.parametrize("bias", list(BIAS_CASES))
+def test_bias_keys_do_not_depend_on_nesting_and_load_into_either_order(bias, tmp_path) -> None:
+    # The keys followed the base_layer hops: with (IA)³ added to lin1 first they read "lin1.base_layer.base_layer.bias"
+    # (and "lin1.base_layer.bias" twice over for bias="all"), so the checkpoint no longer loaded where LoRA came first.
+    lora = LoraConfig(target_modules=["lin1", "lin2"], r=2, bias=bias, init_lora_weights=False)
+    ia3 = IA3Config(target_modules=["lin1"], feedforward_modules=[], init_ia3_weights=False)
+
+    def build(first: str) -> PeftModel:
+        torch.manual_seed(0)
+        configs = {"ia3": ia3, "default": lora}
+        second = "ia3" if first == "default" else "default"
+        model = get_peft_model(_Stack(), configs[first], adapter_name=first)
+        model.add_adapter(second, configs[second])
+        return model.eval()
+
+    expected = [f"base_model.model.{name}" for name in BIAS_CASES[bias]]
+    x = torch.randn(3, 6)
+    for saved_first, loaded_first in (("ia3", "default"), ("default", "ia3")):
+        source = build(saved_first)
+        assert sorted(k for k in source.get_adapter_state_dict("default") if "lora_" not in k) == sorted(expected)
+        with torch.no_grad():
+            for key in expected:
+                source.get_parameter(key).add_(0.25)
+        source.set_adapter("default")
+        want = source(x)
+        source.save_pretrained(tmp_path / saved_first, selected_adapters=["default"])
+        target = build(loaded_first)
+        target.load_adapter(tmp_path / saved_first, "loaded")
+        target.set_adapter("loaded")
+        torch.testing.assert_close(target(x), want, rtol=0, atol=0)
 
 
 # ---- half-precision bases ----------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_forward_with_kv_cache_equals_the_full_sequence(dirs) -> None:
     {"do_sample": True, "top_k": 0, "temperature": 1.5},  # CPU multinomial draws each row from its own numbers
 ])
 def test_generate_rows_equal_each_adapter_alone(dirs, mode) -> None:
-    pool, names = _pool(dirs), ["b", "a", BASE, "c", "a"]
+    pool, names = _pool(dirs, names="ab"), ["b", "a", BASE, "a"]
     ids, mask = _batch(len(names), seq=5)
     kw = {"max_new_tokens": 6, "pad_token_id": 2, "eos_token_id": None, **mode}
     torch.manual_seed(0)
@@ -212,6 +212,16 @@ def _corrupt(dirs: SimpleNamespace) -> Path:
     return bad
 
 
+def _truncated(dirs: SimpleNamespace) -> Path:
+    """Adapter a without the pair of one module its config targets."""
+    bad = dirs.root / "truncated"
+    bad.mkdir(exist_ok=True)
+    (bad / "adapter_config.json").write_text((dirs.a / "adapter_config.json").read_text())
+    tensors = load_file(dirs.a / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".h.1.mlp.c_fc." not in k}, bad / "adapter_model.safetensors")
+    return bad
+
+
 def _other_width(dirs: SimpleNamespace) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -227,10 +237,11 @@ def _other_width(dirs: SimpleNamespace) -> Path:
     ("ia3", PeftConfigError, "LoRA adapters only"),
     ("big", PeftConfigError, "max_lora_rank=8"),
     ("corrupt", CheckpointError, "lora_B"),
+    ("truncated", CheckpointError, r"have no weights: transformer\.h\.1\.mlp\.c_fc"),
     ("missing", PeftConfigError, "adapter_config.json"),
 ])
 def test_bad_adapter_raises_and_leaves_the_pool_unchanged(dirs, case, error, match) -> None:
-    source = {"other_width": _other_width, "corrupt": _corrupt}.get(case)
+    source = {"other_width": _other_width, "corrupt": _corrupt, "truncated": _truncated}.get(case)
     path = source(dirs) if source else getattr(dirs, case, dirs.root / "does-not-exist")
     pool = _pool(dirs, names="ab", max_loras=2)
     ids, mask = _batch(2)
@@ -263,6 +274,17 @@ def test_names_errors_and_replace(dirs) -> None:
                                rtol=ATOL, atol=ATOL)
     pool.unload_adapter("b")
     assert pool.adapters == ["a"] and "b" not in pool and pool.stats()["slots_free"] == 7
+
+
+def test_half_precision_base_keeps_its_dtype(dirs) -> None:
+    pool = _pool(dirs, names=["llama"], kind="llama")
+    ids, mask = _batch(2)
+    ref = pool.forward(input_ids=ids, attention_mask=mask, adapter_names=["llama", BASE]).logits
+    half = AdapterPool(make_model("llama").to(torch.bfloat16), max_lora_rank=8)
+    half.load_adapter("llama", str(dirs.llama))
+    assert next(m for m in half.base_model.modules() if isinstance(m, LoraSlotLinear)).lora_B.dtype == torch.bfloat16
+    out = half.forward(input_ids=ids, attention_mask=mask, adapter_names=["llama", BASE]).logits
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
 
 
 def test_constructor_checks(dirs) -> None:

@@ -21,23 +21,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
+
+for _module in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client", "httpx"):  # the `serve` extra
+    pytest.importorskip(_module)
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
 )
 
-from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit.serving import AdapterPool
-from peftkit.serving.engine import BatchEngine, GenerationRequest
+from peftkit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peftkit.serving import AdapterPool  # noqa: E402
+from peftkit.serving.engine import BatchEngine, GenerationRequest  # noqa: E402
 
 VOCAB = 64
 BASE_NAME = "tiny-llama"
@@ -193,9 +199,14 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(artifacts: Path) -> Server:
+def server(artifacts: Path, refs: References) -> Server:
     started = Server(artifacts)
     try:
+        # While the server imports and loads (seconds), compute the references the concurrent test needs.
+        for adapter in (None, "a4", "a8"):
+            for prompt in PROMPTS:
+                refs.completion(adapter, prompt, MAX_NEW)
+            refs.chat(adapter, [{"role": "user", "content": PROMPTS[2]}], MAX_NEW)
         started.wait_ready()
         yield started
     finally:
@@ -503,6 +514,71 @@ def test_engine_respects_max_loras_and_defers_unload(tmp_path: Path) -> None:
     assert pool.adapters == ["g4"]
 
 
+class _FlakyPool:
+    """The real pool, except that the first batch it is asked for raises (a stand-in for any failing step)."""
+
+    def __init__(self, pool: AdapterPool) -> None:
+        self.pool, self.failures = pool, 1
+
+    def rows(self, names: list[str]) -> object:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("boom")
+        return self.pool.rows(names)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.pool, name)
+
+
+def test_engine_survives_a_failing_step(tmp_path: Path) -> None:
+    base, dirs = _tiny_gpt2(tmp_path)
+    expected = _reference(base, dirs["g4"], [5, 6, 7], 5)
+    pool = AdapterPool(base, max_loras=2, max_lora_rank=8)
+    pool.load_adapter("g4", str(dirs["g4"]))
+    engine = BatchEngine(pool.base_model, _FlakyPool(pool), adapters={"g4": str(dirs["g4"])})
+    engine.start()
+    try:
+        failed, fine = threading.Event(), threading.Event()
+        first = _run(engine, GenerationRequest([5, 6, 7], "g4", 5), failed)
+        assert failed.wait(30)
+        second = _run(engine, GenerationRequest([5, 6, 7], "g4", 5), fine)
+        assert fine.wait(30)
+    finally:
+        engine.stop()
+    assert first.finish_reason == "error"
+    assert (second.finish_reason, second.output_ids) == ("length", expected)
+
+
+def test_engine_sliding_window_cache_batches_arrivals_together(tmp_path: Path) -> None:
+    # A sliding-window cache drops columns once its window is full, so it cannot be re-padded: requests that arrive
+    # together share the batch, a later one waits for it to drain, and every answer still equals generate's.
+    torch.manual_seed(0)
+    base = MistralForCausalLM(MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=6, bos_token_id=0, eos_token_id=1,
+        pad_token_id=2)).eval()
+    _save_adapter(base, tmp_path / "m4", 4, r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21], [22, 23, 24]]
+    expected = [_reference(base, tmp_path / "m4", p, 10) for p in prompts]
+    pool = AdapterPool(base, max_loras=2, max_lora_rank=8)
+    pool.load_adapter("m4", str(tmp_path / "m4"))
+    steps: list[tuple[str, int]] = []
+    engine = BatchEngine(pool.base_model, pool, adapters={"m4": "m4"},
+                         on_step=lambda phase, rows, adapters, s: steps.append((phase, rows)))
+    events = [threading.Event() for _ in prompts]
+    requests = [_run(engine, GenerationRequest(p, "m4", 10), e) for p, e in zip(prompts[:2], events)]
+    engine.start()
+    try:
+        while not steps:
+            time.sleep(0.001)
+        requests.append(_run(engine, GenerationRequest(prompts[2], "m4", 10), events[2]))
+        assert all(e.wait(30) for e in events)
+    finally:
+        engine.stop()
+    assert [r.output_ids for r in requests] == expected
+    assert steps[0] == ("prefill", 2) and max(rows for _, rows in steps) == 2
+
+
 def test_cli_rejects_a_malformed_adapter_flag(capsys: pytest.CaptureFixture[str]) -> None:
     from peftkit.cli import main
 
@@ -511,3 +587,12 @@ def test_cli_rejects_a_malformed_adapter_flag(capsys: pytest.CaptureFixture[str]
     assert exit_info.value.code == 2
     assert "NAME=DIR_OR_HUB_ID" in capsys.readouterr().err
 
+
+
+def test_cli_refuses_to_start_with_an_adapter_that_does_not_fit(artifacts: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from peftkit.cli import main
+
+    args = ["serve", "--base-model", str(artifacts / "base"), "--adapter", f"wide={artifacts / 'wide'}"]
+    assert main(args) == 1  # before listening: nothing to serve a broken deployment with
+    assert "adapter 'wide'" in capsys.readouterr().err

@@ -4,9 +4,8 @@ counted by a backend that records every graph Dynamo hands it.
 Measured and asserted here (LoRA on a tiny Llama, one graph per compile, no graph breaks):
 - first call: 1 compilation; further calls: 0;
 - ``hotswap_adapter`` (new weights, same shapes, into the active adapter): 0 recompilations;
-- ``set_adapter`` to an adapter set not run before: 1 recompilation (Dynamo guards on the active-adapter list);
-  switching back to a set already compiled: 0 (cached, up to ``torch._dynamo.config.cache_size_limit`` sets).
-Serving many adapters from one compiled model therefore goes through ``hotswap_adapter``, as with HF peft.
+- ``set_adapter`` to other loaded LoRA adapters (as many as before, same shapes and scale): 0 recompilations, the
+  layers' forward reads no adapter name (``LoraLinear._refresh_slots``); a set of another size: 1, once per size.
 """
 
 from __future__ import annotations
@@ -72,6 +71,7 @@ def test_compiled_training_step_matches_eager_gradients() -> None:
 
 def test_recompile_counts_for_hotswap_and_adapter_switching(tmp_path) -> None:
     model, ids = _model(), _ids()
+    model.add_adapter("third", LoraConfig(**LORA))  # loaded before compiling: adding one changes the graph's inputs
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
 
@@ -93,13 +93,14 @@ def test_recompile_counts_for_hotswap_and_adapter_switching(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(swapped, model(input_ids=ids).logits)
 
-    # set_adapter: the first switch to a new active set compiles once; later switches reuse the cached graphs.
-    model.set_adapter("other")
-    run()
-    assert backend.graphs == 2
-    model.set_adapter("default")
-    run()
-    model.set_adapter("other")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert backend.graphs == 2
+    # set_adapter among loaded adapters: the graph does not depend on which ones are active, only on how many.
+    for active in ("other", "third", "default", "third"):
+        model.set_adapter(active)
+        with torch.no_grad():
+            torch.testing.assert_close(run(), model(input_ids=ids).logits)
+    assert backend.graphs == 1
+    for active in (["default", "other"], ["other", "third"], ["third", "default"]):
+        model.set_adapter(active)
+        with torch.no_grad():
+            torch.testing.assert_close(run(), model(input_ids=ids).logits)
+    assert backend.graphs == 2  # one more graph for sets of two
