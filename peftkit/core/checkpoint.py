@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from peftkit.core.config import CONFIG_NAME
 from peftkit.core.errors import CheckpointError
@@ -96,7 +96,7 @@ def _write_synced(path: str, write: Callable[[str], None]) -> None:
     umask = os.umask(0)
     os.umask(umask)
     write(path)
-    # safetensors creates files 0600; a checkpoint should get the usual umask-derived mode.
+    # A pending file a killed save left keeps its old mode; a checkpoint gets the usual umask-derived one.
     os.chmod(path, 0o666 & ~umask)
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -129,6 +129,8 @@ def _replace_files(directory: str, writes: dict[str, Callable[[str], None]]) -> 
 
 
 def _bytes_writer(data: bytes) -> Callable[[str], None]:
+    # Weights too are serialised in memory and written here: safetensors' own save_file goes through a random
+    # temporary name of its own, which a killed process would leave behind, one per kill.
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -166,7 +168,7 @@ def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None
     directory = os.path.dirname(os.path.abspath(path))
     cpu = _cpu_copies(tensors)
     with directory_lock(directory) as fd:
-        _replace_files(directory, {path: lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"})})
+        _replace_files(directory, {path: _bytes_writer(safetensors_bytes(cpu, metadata={"format": "pt"}))})
         _fsync_directory(fd)
 
 
@@ -180,7 +182,7 @@ def write_adapter_files(directory: str, tensors: dict[str, torch.Tensor], config
     with directory_lock(directory) as fd:
         _finish_interrupted_save(directory)
         _replace_files(directory, {  # weights first: their metadata names the config that completes them
-            os.path.join(directory, WEIGHTS_NAME): lambda tmp: save_file(cpu, tmp, metadata=metadata),
+            os.path.join(directory, WEIGHTS_NAME): _bytes_writer(safetensors_bytes(cpu, metadata=metadata)),
             os.path.join(directory, CONFIG_NAME): _bytes_writer(config_json.encode("utf-8")),
         })
         _fsync_directory(fd)

@@ -4,21 +4,22 @@ Adapter layers of different methods nest on one module (each wraps whatever sits
 layers shares one weight ``W``. Merging an adapter folds it into ``W``, and every layer between it and ``W`` then
 computes with the changed weight. What each layer does to the module it wraps (``AdapterLayer.weight_effect``)::
 
-    add      out = inner(x) + D(x)                     merged as W ← W + ΔW (or b ← b + δ)   LoRA, AdaLoRA, BitFit
-    scale    out = l ⊙ inner(x)  or  inner(l ⊙ x)      merged as rows / columns of W · l      (IA)³
-    opaque   out = f(inner(x), x), f nonlinear        no weight form                          bottleneck adapters
+    add      out = inner(x) + D(x)                     merged as W ← W + ΔW (or b ← b + δ)   low-rank, bias updates
+    scale    out = l ⊙ inner(x)  or  inner(l ⊙ x)      merged as rows / columns of W · l      rescaling vectors
+    opaque   out = f(inner(x), x), f nonlinear        no weight form                          serial / parallel MLPs
 
 A merge is exact when the layers it crosses commute with it, and only two "add" layers do. So, for a layer ``L``
 merging adapters now (stacks are merged innermost first):
 
-1. ``L`` itself must have a weight form (``merge_blocker``: opaque layers, gated LoRA).
-2. Every layer inside ``L`` that keeps unmerged adapters must commute with ``L``. LoRA added after (IA)³ computes
-   ``l ⊙ (W x) + ΔW x``; merged alone it would give ``l ⊙ ((W + ΔW) x)``. Merged together, (IA)³ first, it is
-   ``(l ⊙ W + ΔW) x``: exact. ``merge_and_unload`` drops what it does not merge, so there rule 2 does not apply.
+1. ``L`` itself must have a weight form (``merge_blocker``: opaque layers, input-dependent gates).
+2. Every layer inside ``L`` that keeps unmerged adapters must commute with ``L``. An additive layer added after a
+   scaling one computes ``l ⊙ (W x) + ΔW x``; merged alone it would give ``l ⊙ ((W + ΔW) x)``. Merged together,
+   the scaling first, it is ``(l ⊙ W + ΔW) x``: exact. ``merge_and_unload`` drops what it does not merge, so there
+   rule 2 does not apply.
 3. Every layer outside ``L`` holding merged adapters must commute with ``L``: ``L``'s merge would land beneath
-   theirs, and ``unmerge_adapter``, which takes outer layers off first, could not give ``W`` back (LoRA merged over
-   (IA)³ holds ``l ⊙ W + ΔW``; a second vector ``k`` merged now gives ``k ⊙ (l ⊙ W + ΔW)``, from which subtracting
-   ``ΔW`` and dividing by ``k ⊙ l`` is not ``W``).
+   theirs, and ``unmerge_adapter``, which takes outer layers off first, could not give ``W`` back (an additive layer
+   merged over a scaling one holds ``l ⊙ W + ΔW``; a second vector ``k`` merged now gives ``k ⊙ (l ⊙ W + ΔW)``,
+   from which subtracting ``ΔW`` and dividing by ``k ⊙ l`` is not ``W``).
 
 Unmerged layers outside ``L`` never matter: an exact merge leaves ``L``'s output, all they see, unchanged.
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from peftkit.core.errors import NotMergeableError
 from peftkit.core.inject import adapter_layers, replace_module
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import AdapterLayer, base_layer_of
 from peftkit.core.targets import logical_name
 
 if TYPE_CHECKING:
@@ -161,16 +162,24 @@ def _merge_order(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return list(reversed(list(adapter_layers(model))))
 
 
-def _all_or_nothing(model: nn.Module, names: list[str], step: Callable[[str, AdapterLayer], None]) -> None:
+def _all_or_nothing(model: nn.Module, names: list[str], safe: bool,
+                    step: Callable[[str, AdapterLayer], nn.Module]) -> None:
+    """Run ``step`` (which merges one layer and returns the module now holding its weights) on every layer, innermost
+    first; if any raises, put every layer back. ``safe``: a non-finite merged weight raises too (the per-layer
+    checks before ran on each layer alone; stacked layers compose here)."""
     restores: list[Callable[[], None]] = []
     done: list[tuple[str, AdapterLayer]] = []
     path = ""
     try:
         for path, layer in _merge_order(model):
-            if layer.pending_merges(names):
+            pending = layer.pending_merges(names)
+            if pending:
                 restores.append(layer.merge_restore_point())
-            step(path, layer)
+            merged = step(path, layer)
             done.append((path, layer))
+            if safe and pending and not all(p.isfinite().all() for p in merged.parameters(recurse=False)):
+                raise ValueError(f"Merging {pending} into {logical_name(path)} gives non-finite weights (stacked "
+                                 "adapters overflow the dtype). Nothing was merged.")
     except BaseException as exc:
         for done_path, layer in reversed(done):  # merge_and_unload: put the layers back where they were
             if _module_at(model, done_path) is not layer:
@@ -202,7 +211,11 @@ def merge_layers(peft_model: PeftModel, names: list[str], safe: bool = False) ->
     if safe:  # every sum checked before the first write
         for _, layer in _merge_order(model):
             layer.check_merge(names)
-    _all_or_nothing(model, names, lambda path, layer: layer.merge(names))
+    def merge(path: str, layer: AdapterLayer) -> nn.Module:
+        layer.merge(names)
+        return layer.get_base_layer()
+
+    _all_or_nothing(model, names, safe, merge)
 
 
 def merge_and_unload_layers(peft_model: PeftModel, names: list[str], safe: bool = False, dequantize: bool = False
@@ -219,7 +232,9 @@ def merge_and_unload_layers(peft_model: PeftModel, names: list[str], safe: bool 
         for _, layer in _merge_order(model):
             layer.check_merge(names)
 
-    def unwrap(path: str, layer: AdapterLayer) -> None:
-        replace_module(model, path, layer.merged_module(names, dequantize=dequantize))
+    def unwrap(path: str, layer: AdapterLayer) -> nn.Module:
+        module = layer.merged_module(names, dequantize=dequantize)
+        replace_module(model, path, module)
+        return base_layer_of(module)
 
-    _all_or_nothing(model, names, unwrap)
+    _all_or_nothing(model, names, safe, unwrap)

@@ -239,7 +239,7 @@ class PeftModel(AdapterCheckpoints, nn.Module):
 
     def _refresh_step_hooks(self) -> None:
         # forward reads these instead of the active names: a compiled model guards on every Python value forward
-        # reads, and adapters whose methods have no such hook (LoRA) then leave no name for it to guard on.
+        # reads, and adapters whose methods have no such hook (most) then leave no name for it to guard on.
         pairs = [(method, name) for name in self._active for method, _ in self._leaves(name)]
         self._before_forward = tuple(p for p in pairs if _overrides(p[0], "before_forward"))
         self._aux_losses = tuple(p for p in pairs if _overrides(p[0], "auxiliary_loss"))
@@ -467,7 +467,7 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         self._adapters_disabled = True
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove one adapter. Base parameters it trained (Houlsby's layer norms, LoRA's biases) get their original
+        """Remove one adapter. Base parameters it trained (layer norms, biases) get their original
         values back, as ``unload()`` gives them, unless another adapter still trains them (they are shared)."""
         self._check_known([adapter_name])
         released = {id(t) for t in self._released_base_parameters(adapter_name).values()}

@@ -9,7 +9,7 @@ Parts:
 - ``save-loop``: a child saves versions v, v+1, ... of one adapter to one path as fast as it can; it is killed
   after a random delay, so the kills land anywhere inside ``save_pretrained``.
 - ``crash-points``: child k is killed just before the k-th file-system call of one save (open, fsync, chmod,
-  rename, unlink, the safetensors write): every intermediate state, deterministically.
+  rename, unlink, the safetensors serialisation): every intermediate state, deterministically.
 - ``trainer``: a ``PeftTrainer`` with ``save_steps=1`` re-trains into the same output directory and is killed.
 - ``concurrent``: two children save two different adapters to one directory while this process reads it.
 """
@@ -79,6 +79,26 @@ def _kill(pid: int) -> bool:
     return os.WIFSIGNALED(status)
 
 
+def _wait_for(marker: str, timeout: float = 60.0) -> None:
+    """Wait until a child has created ``marker`` (its first save is done), so kills land in its steady state."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(marker):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the child never wrote {marker}")
+        time.sleep(0.002)
+    os.unlink(marker)
+
+
+def _unlink_marker(marker: str) -> None:
+    if os.path.exists(marker):
+        os.unlink(marker)
+
+
+def _touch(marker: str) -> None:
+    with open(marker, "w"):
+        pass
+
+
 def _snapshot(path: str, snapshots: str, index: int) -> None:
     target = os.path.join(snapshots, str(index))
     if os.path.isdir(path):
@@ -89,7 +109,7 @@ def _snapshot(path: str, snapshots: str, index: int) -> None:
 
 def save_loop(workdir: str, kills: int, rng: random.Random) -> dict:
     model, path = adapter_model(), os.path.join(workdir, "adapter")
-    snapshots = os.path.join(workdir, "snapshots")
+    snapshots, ready = os.path.join(workdir, "snapshots"), os.path.join(workdir, "ready")
     killed = 0
     for i in range(kills):
         def child(first: int = (i + 1) * 1_000_000) -> None:
@@ -98,9 +118,12 @@ def save_loop(workdir: str, kills: int, rng: random.Random) -> dict:
                 version += 1
                 set_version(model, version)
                 model.save_pretrained(path)
+                if version == first + 1:
+                    _touch(ready)
 
         pid = _fork(child)
-        time.sleep(rng.uniform(0.0, 0.05))
+        _wait_for(ready)
+        time.sleep(rng.uniform(0.0, 0.03))
         killed += _kill(pid)
         _snapshot(path, snapshots, i)
     return {"kills": kills, "killed mid-run": killed}
@@ -136,7 +159,7 @@ def crash_points(workdir: str) -> dict:
             killer = _KillAt(at)
             for name in ("open", "replace", "fsync", "chmod", "unlink"):
                 setattr(os, name, killer.wrap(getattr(os, name)))
-            checkpoint.save_file = killer.wrap(checkpoint.save_file)
+            checkpoint.safetensors_bytes = killer.wrap(checkpoint.safetensors_bytes)
             set_version(model, version)
             model.save_pretrained(path)
 
@@ -152,7 +175,7 @@ def crash_points(workdir: str) -> dict:
 
 def trainer_kills(workdir: str, kills: int, rng: random.Random) -> dict:
     from conftest import SEQ, VOCAB
-    from transformers import TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
 
     from peftkit.integrations.trainer import PeftTrainer
 
@@ -163,12 +186,20 @@ def trainer_kills(workdir: str, kills: int, rng: random.Random) -> dict:
     args = TrainingArguments(output_dir=out, use_cpu=True, report_to=[], save_strategy="steps", save_steps=1,
                              max_steps=10_000, per_device_train_batch_size=4, learning_rate=1e-2, disable_tqdm=True,
                              dataloader_num_workers=0, seed=0, logging_strategy="no")
-    trainer = PeftTrainer(model=adapter_model(), args=args, train_dataset=rows)
-    snapshots = os.path.join(workdir, "snapshots")
+    snapshots, ready = os.path.join(workdir, "snapshots"), os.path.join(workdir, "ready")
+
+    class FirstSave(TrainerCallback):
+        def on_save(self, *args: object, **kwargs: object) -> None:
+            if not os.path.exists(ready):
+                _touch(ready)
+
+    trainer = PeftTrainer(model=adapter_model(), args=args, train_dataset=rows, callbacks=[FirstSave()])
     for i in range(kills):
         pid = _fork(trainer.train)  # each run re-writes checkpoint-1, -2, ... over the previous run's
-        time.sleep(rng.uniform(0.05, 0.6))
+        _wait_for(ready)
+        time.sleep(rng.uniform(0.0, 0.3))
         _kill(pid)
+        _unlink_marker(ready)
         _snapshot(out, snapshots, i)
     return {"kills": kills}
 
@@ -213,7 +244,7 @@ def main(workdir: str, kills: int, seed: int) -> None:
     parts = {
         "save-loop": lambda d: save_loop(d, kills, rng),
         "crash-points": crash_points,
-        "trainer": lambda d: trainer_kills(d, max(3, kills // 4), rng),
+        "trainer": lambda d: trainer_kills(d, max(3, kills // 6), rng),
         "concurrent": lambda d: concurrent(d, rounds=kills),
     }
     for name, run in parts.items():
