@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_inputs, make_model, model_logits
+from conftest import LayerHolder, make_inputs, make_model, model_logits
 from torch import nn
 
 import peftkit
@@ -197,6 +197,24 @@ def test_a_non_finite_delta_half_way_is_refused_by_safe_merge(path: str) -> None
     state, merged = _state(model), _merged(model)
     with pytest.raises(ValueError, match="non-finite"):
         _run(model, path)
+    _assert_unchanged(model, state, merged)
+
+
+def test_safe_merge_catches_an_overflow_only_the_stacked_layers_give() -> None:
+    # fp16: l ⊙ W = 1e4 and W + ΔW = 6e4 are finite each (the per-layer checks pass), l ⊙ W + ΔW = 7e4 is not.
+    base = nn.Linear(4, 4, bias=False).half()
+    nn.init.constant_(base.weight, 10.0)
+    model = get_peft_model(LayerHolder(base), IA3Config(target_modules=["layer"], feedforward_modules=[]), "ia3")
+    model.add_adapter("lora", LoraConfig(r=1, lora_alpha=1, target_modules=["layer"]))
+    layer = model.base_model.model.layer
+    with torch.no_grad():
+        layer.base_layer.ia3_l["ia3"].fill_(1e3)
+        layer.lora_A["lora"].weight.fill_(1.0)
+        layer.lora_B["lora"].weight.fill_(6e4)
+    model.set_adapter(["ia3", "lora"])
+    state, merged = _state(model), _merged(model)
+    with pytest.raises(ValueError, match=r"\['lora'\] into layer gives non-finite weights"):
+        model.merge_adapter(safe_merge=True)
     _assert_unchanged(model, state, merged)
 
 

@@ -126,9 +126,19 @@ def test_two_processes_saving_different_adapters_to_one_directory_never_mix(cras
     tally("concurrent saves (processes)", "reads while writing", len(reads))
 
 
-def test_two_threads_saving_different_adapters_to_one_directory_never_mix(tmp_path: Path) -> None:
+def test_two_threads_saving_different_adapters_to_one_directory_never_mix(tmp_path: Path, monkeypatch) -> None:
     directory, rounds = tmp_path / "adapter", scaled(15)
     errors: list[BaseException] = []
+    replace = os.replace
+
+    def descheduled_after_weights(source: str, target: str) -> None:
+        # Threads under the GIL rarely switch between two renames; a writer descheduled right after renaming its
+        # weights is what lets another writer interleave (without the lock, a third of the reads see a mix).
+        replace(source, target)
+        if str(target).endswith(WEIGHTS):
+            time.sleep(0.003)
+
+    monkeypatch.setattr(os, "replace", descheduled_after_weights)
 
     def writer(version: int) -> None:
         try:
