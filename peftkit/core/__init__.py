@@ -11,7 +11,7 @@ from peftkit.core.errors import (
     TargetModuleError,
 )
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
-from peftkit.core.model import PeftModel, get_peft_model
+from peftkit.core.model import PeftModel
 from peftkit.core.registry import PeftMethod, register
 from peftkit.core.task_models import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -21,6 +21,7 @@ from peftkit.core.task_models import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
+    get_peft_model,
 )
 
 __all__ = [

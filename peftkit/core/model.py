@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import inspect
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +20,9 @@ from torch import nn
 
 from peftkit.core.checkpointing import AdapterCheckpoints
 from peftkit.core.config import PeftConfig, TaskType, TunerConfig
+from peftkit.core.controls import AdapterControls
 from peftkit.core.errors import AdapterNotFoundError, PeftConfigError
+from peftkit.core.host import BaseModelHost
 from peftkit.core.inject import adapter_layers, add_modules_to_save, inject_adapter, remove_adapter, replace_module
 from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer, AdapterModule, AdapterModuleGroup
 from peftkit.core.merging import merge_and_unload_layers, merge_layers
@@ -28,44 +30,7 @@ from peftkit.core.registry import ForwardCall, PeftMethod, method_for
 from peftkit.integrations import trainer_hook
 from peftkit.integrations.transformers import task_head_names
 
-__all__ = ["PeftModel", "get_peft_model"]
-
-
-class _BaseModelHost(nn.Module):
-    """Holds the user's model as ``.model`` so names read ``base_model.model.<path>`` as in HF peft."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-        # HF scripts call the tuner's API on ``peft_model.base_model`` (``update_and_allocate``,
-        # ``disable_adapter_layers``, ``merge_and_unload``, ...); in peftkit the PeftModel holds it.
-        owner = self.__dict__.get("_owner")
-        peft_model = owner() if owner is not None else None
-        if peft_model is not None:
-            if name in _TUNER_API:
-                return getattr(peft_model, name)
-            bound = peft_model._model_api(name)
-            if bound is not None:
-                return bound
-        return getattr(self.model, name)
-
-
-# What HF peft's tuner (``peft_model.base_model``) offers that peftkit keeps on the PeftModel itself.
-_TUNER_API = frozenset({
-    "active_adapter", "active_adapters", "peft_config", "add_adapter", "set_adapter", "delete_adapter",
-    "enable_adapter_layers", "disable_adapter_layers", "merge_adapter", "unmerge_adapter", "merge_and_unload",
-    "unload", "set_requires_grad", "get_layer_status", "get_model_status",
-})
+__all__ = ["PeftModel", "TASK_MODEL_CLASSES"]
 
 
 class _BoundForward(functools.partial):
@@ -86,7 +51,7 @@ class _ForwardDescriptor:
         return PeftModel._forward if obj is None else _BoundForward(PeftModel._forward, obj)
 
 
-class PeftModel(AdapterCheckpoints, nn.Module):
+class PeftModel(AdapterCheckpoints, AdapterControls, nn.Module):
     """A base model with one or more adapters injected.
 
     Args:
@@ -130,7 +95,7 @@ class PeftModel(AdapterCheckpoints, nn.Module):
     ) -> None:
         _refuse_low_cpu_mem_usage(low_cpu_mem_usage)
         super().__init__()
-        self.base_model = _BaseModelHost(model)
+        self.base_model = BaseModelHost(model)
         self.base_model.__dict__["_owner"] = weakref.ref(self)  # a plain attribute: no module cycle
         self.adapter_modules = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
@@ -434,38 +399,6 @@ class PeftModel(AdapterCheckpoints, nn.Module):
         self._freeze_active = inference_mode
         self._apply_trainability()
 
-    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Switch gradients of the named adapters on or off, active or not (HF peft's ``set_requires_grad``).
-
-        The next ``set_adapter`` / ``add_adapter`` resets trainability to "active adapters only", as in HF peft.
-        """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._check_known(names)
-        for name in names:
-            self._set_adapter_trainable(name, requires_grad)
-
-    def _set_adapter_trainable(self, name: str, trainable: bool) -> None:
-        for _, layer in self._layers():
-            layer.set_trainable(name, trainable)
-        if name in self.adapter_modules:
-            self.adapter_modules[name].requires_grad_(trainable)
-
-    def enable_adapter_layers(self) -> None:
-        """Undo ``disable_adapter_layers``: the active adapters apply again."""
-        for _, layer in self._layers():
-            layer.disable_adapters = False
-        self._adapters_disabled = False
-
-    def disable_adapter_layers(self) -> None:
-        """Run the base model until ``enable_adapter_layers`` (the lasting form of ``with disable_adapter()``).
-
-        Merged adapters are unmerged first, so the outputs really are the base model's.
-        """
-        for _, layer in self._layers():
-            layer.unmerge()
-            layer.disable_adapters = True
-        self._adapters_disabled = True
-
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove one adapter. Base parameters it trained (layer norms, biases) get their original
         values back, as ``unload()`` gives them, unless another adapter still trains them (they are shared)."""
@@ -527,25 +460,6 @@ class PeftModel(AdapterCheckpoints, nn.Module):
                     shared[param_name] = shared.get(param_name, False) or trainable
         for param_name, trainable in shared.items():
             model.get_parameter(param_name).requires_grad_(trainable)
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Run the base model: ``with model.disable_adapter(): ...``. Merged adapters are unmerged inside."""
-        layers = [layer for _, layer in self._layers()]
-        previous = [(layer.disable_adapters, list(layer.merged_adapters)) for layer in layers]
-        was_disabled = self._adapters_disabled
-        try:
-            for layer in layers:
-                layer.unmerge()
-                layer.disable_adapters = True
-            self._adapters_disabled = True
-            yield
-        finally:
-            self._adapters_disabled = was_disabled
-            for layer, (was_disabled, merged) in reversed(list(zip(layers, previous))):
-                layer.disable_adapters = was_disabled
-                if merged:
-                    layer.merge(merged)
 
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
@@ -630,32 +544,6 @@ class PeftModel(AdapterCheckpoints, nn.Module):
             if name in self._requires_grad_before:
                 param.requires_grad_(self._requires_grad_before[name])
 
-    # ---- parameters ----------------------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; adapter copies of heads count, as in HF peft."""
-        trainable = total = 0
-        for param in self.parameters():
-            total += param.numel()
-            trainable += param.numel() if param.requires_grad else 0
-        return trainable, total
-
-    def get_layer_status(self) -> list[Any]:
-        """Per adapter layer: enabled, active / merged / available adapters, requires_grad, devices (HF's report)."""
-        from peftkit.core.status import get_layer_status
-
-        return get_layer_status(self)
-
-    def get_model_status(self) -> Any:
-        """The layers' statuses folded into one; disagreeing layers read ``"irregular"`` (HF's report)."""
-        from peftkit.core.status import get_model_status
-
-        return get_model_status(self)
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        share = 100 * trainable / total if total else 0.0
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
-
 def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
     try:
         return model.get_parameter(name)
@@ -678,38 +566,3 @@ def _refuse_low_cpu_mem_usage(low_cpu_mem_usage: bool) -> None:
             "are small), and PeftModel.from_pretrained copies the saved ones into them. Drop the argument; to avoid "
             "materialising a large base twice, build it on the meta device (docs/training.md, meta-device init)."
         )
-
-
-def get_peft_model(
-    model: nn.Module,
-    peft_config: PeftConfig,
-    adapter_name: str = "default",
-    mixed: bool = False,
-    autocast_adapter_dtype: bool = True,
-    revision: str | None = None,
-    low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config`` (HF peft's entry point and arguments).
-
-    Returns the ``PeftModel`` subclass for ``peft_config.task_type`` (``PeftModelForCausalLM``, ...), so HF peft's
-    ``isinstance`` checks hold.
-
-    Args:
-        mixed: HF peft returns a ``PeftMixedModel`` that can hold adapters of different methods; every peftkit
-            ``PeftModel`` can, so this returns a plain ``PeftModel`` (no task subclass), as HF's mixed model is.
-        autocast_adapter_dtype: True (default): adapters of fp16/bf16 weights are kept in fp32. False: in the
-            weight's own dtype.
-        revision: The base model's Hub revision, recorded in the config (``AutoPeftModel`` loads that revision).
-        low_cpu_mem_usage: Only False; see the error True raises.
-    """
-    if isinstance(model, PeftModel):
-        raise ValueError("The model is a PeftModel already; use model.add_adapter(name, config) to add another.")
-    if revision is not None:
-        peft_config = dataclasses.replace(peft_config, revision=revision)
-    if getattr(peft_config, "base_model_name_or_path", None) is None:
-        name = getattr(getattr(model, "config", None), "name_or_path", None)
-        if name:
-            peft_config = dataclasses.replace(peft_config, base_model_name_or_path=name)
-    cls = PeftModel if mixed else PeftModel.class_for(peft_config)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-               low_cpu_mem_usage=low_cpu_mem_usage)

@@ -50,7 +50,8 @@ from trl.trainer import utils as trl_utils
 
 from peftkit.core.config import PeftConfig
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.model import PeftModel, get_peft_model
+from peftkit.core.model import PeftModel
+from peftkit.core.task_models import get_peft_model
 from peftkit.integrations.trainer import PeftTrainerMixin
 from peftkit.integrations.training import unwrap_model
 
