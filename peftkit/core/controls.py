@@ -62,6 +62,10 @@ class AdapterControls:
             yield
         finally:
             self._adapters_disabled = was_disabled
+            known = {id(layer) for layer in layers}
+            for _, layer in self._layers():  # layers an add_adapter inside the block made follow the model again
+                if id(layer) not in known:
+                    layer.disable_adapters = was_disabled
             for layer, (was_disabled, merged) in reversed(list(zip(layers, previous))):
                 layer.disable_adapters = was_disabled
                 if merged:

@@ -325,6 +325,7 @@ class PeftModel(AdapterCheckpoints, AdapterControls, nn.Module):
         self.peft_config[adapter_name] = config
         for _, layer in self._layers():  # new layers follow the model's active set; the new adapter stays inactive
             layer.set_adapter(self._active)
+            layer.disable_adapters = self._adapters_disabled  # and its disable_adapter_layers(): base model only
         self._apply_trainability()
 
     def _with_own_task_type(self, config: PeftConfig) -> PeftConfig:
