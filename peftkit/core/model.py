@@ -498,9 +498,19 @@ class PeftModel(AdapterCheckpoints, AdapterControls, nn.Module):
 
     # ---- merging -------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters (default: the active ones) into the base weights; ``unmerge_adapter`` undoes it."""
+        """Fold adapters (default: the active ones) into the base weights; ``unmerge_adapter`` undoes it.
+
+        Raises:
+            ValueError: adapters are disabled (``disable_adapter_layers`` or inside ``disable_adapter()``), where
+                the model must compute the base model's outputs; merged weights would change them.
+        """
         names = self._active if adapter_names is None else list(adapter_names)
         self._check_known(names)
+        if self._adapters_disabled:
+            raise ValueError(
+                "Adapters are disabled, so the model computes the base model; merging now would change its outputs. "
+                "Call enable_adapter_layers() (or leave the disable_adapter() block) first."
+            )
         merge_layers(self, names, safe=safe_merge)  # all or nothing (core/merging.py)
 
     def unmerge_adapter(self) -> None:
