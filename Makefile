@@ -24,10 +24,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(PY) examples/quickstart.py
 
-# Lint, then the suite with a line-coverage report of peftkit/ (uncovered lines listed; under 90 % fails).
+# Lint, then the suite with a line-coverage report of peftkit/ (uncovered lines listed; under 85 % fails).
 test: setup
 	$(VENV)/bin/ruff check peftkit tests examples benchmarks
-	$(PY) -m pytest -q -p no:cacheprovider --cov=peftkit --cov-report=term-missing:skip-covered --cov-fail-under=90
+	$(PY) -m pytest -q -p no:cacheprovider --cov=peftkit --cov-report=term-missing:skip-covered --cov-fail-under=85
 
 bench: setup
 	$(PIP) -e ".[bench]" gguf

@@ -468,6 +468,9 @@ class PeftModel(AdapterCheckpoints, AdapterControls, nn.Module):
             yield
             return
         self._check_mixed_batch(list(adapter_names), args, kwargs)
+        if self._adapters_disabled:  # every row is the base model's, as in HF peft and for prompt methods here
+            yield
+            return
         layers = [layer for _, layer in self._layers()]
         try:
             for layer in layers:
