@@ -422,11 +422,14 @@ class _PromptCall:
             kwargs["token_type_ids"] = _insert_block(token_types, starts, torch.zeros_like(block))
         positions = kwargs.get("position_ids")
         if positions is not None:
-            # The prompt takes the positions in front of the first real token; the real tokens move up by n.
+            # The prompt takes the positions in front of the first real token; the real tokens move up by the row's
+            # own prompt length n (0 for a row without one in a mixed batch: position ids a prefix adapter set for
+            # it must stay as in its single run). The fill in front of a shorter prompt is masked and moved away.
             first = torch.gather(positions, 1, starts.unsqueeze(1))
+            own_length = present.sum(dim=1, keepdim=True)
             shifted = torch.where(torch.arange(positions.shape[1], device=ids.device) >= starts.unsqueeze(1),
-                                  positions + block.shape[1], positions)
-            own = first + torch.arange(block.shape[1], device=ids.device)
+                                  positions + own_length, positions)
+            own = (first + torch.arange(block.shape[1], device=ids.device) - (block.shape[1] - own_length)).clamp(0)
             kwargs["position_ids"] = _insert_block(shifted, starts, own)
         untouched = torch.zeros_like(ids, dtype=torch.bool)
         inserted = _insert_block(untouched, starts, torch.ones_like(present))

@@ -281,11 +281,11 @@ class PeftModelMachine(RuleBasedStateMachine):
         ok, _ = self.attempt("set_adapter", lambda: self.model.set_adapter(names if len(names) > 1 else names[0]))
         if not ok:
             return
-        prompts = [n for n in names if self.configs[n].is_prompt_learning]
-        if len(prompts) > 1:
-            # Accepted, but a model runs one prompt at a time: the next forward refuses, naming them.
-            with pytest.raises(ValueError, match="active together"):
-                self.logits(self.model)
+        try:
+            self.logits(self.model)
+        except ValueError as exc:
+            # Accepted, but a model runs one input prompt at a time: the next forward refuses, naming them.
+            assert "active together" in str(exc), exc
             self.model.set_adapter(previous)
             tally("stateful steps", "set_adapter (several prompts): refused by forward")
             return
@@ -435,7 +435,9 @@ class PeftModelMachine(RuleBasedStateMachine):
             else:
                 reference.set_adapter(name)
                 want = self.logits(reference)
-            torch.testing.assert_close(got[row], want[row], rtol=ATOL, atol=ATOL, msg=f"row {row} ({name})")
+            # A row with a shorter prompt than others in the batch ends in masked fill its single run lacks.
+            mine = got[row, :want.shape[1]] if want.dim() == 3 else got[row]
+            torch.testing.assert_close(mine, want[row], rtol=ATOL, atol=ATOL, msg=f"row {row} ({name})")
         tally("stateful steps", "mixed batch")
 
     # Disabled or merged adapters are not in the forward graph: backward then has nothing to differentiate.
@@ -556,3 +558,22 @@ def test_merge_adapter_while_adapters_are_disabled_is_refused() -> None:
     with model.disable_adapter(), pytest.raises(ValueError, match="disabled"):
         model.merge_adapter()
     torch.testing.assert_close(model_logits(model, inputs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prefix_first", [True, False], ids=["prefix-added-first", "prompt-added-first"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_prefix_rows_beside_prompt_rows_equal_their_single_runs(kind: str, prefix_first: bool) -> None:
+    # Found by the machine (UniPELT rows beside a prompt-tuning row): with the prefix adapter added first, its
+    # position ids were moved up by the prompt's length in rows that have no prompt (logits off by up to 0.27).
+    task = TASKS[kind]
+    configs = [("prefix", PrefixTuningConfig(num_virtual_tokens=2, task_type=task)),
+               ("prompt", PromptTuningConfig(num_virtual_tokens=3, task_type=task))]
+    first, second = configs if prefix_first else configs[::-1]
+    model = get_peft_model(make_model(kind), first[1], first[0]).eval()
+    model.add_adapter(*second)
+    inputs = make_inputs(kind)
+    got = model_logits(model, inputs, adapter_names=["prompt", "prefix", "prefix"])
+    for row, name in enumerate(["prompt", "prefix", "prefix"]):
+        model.set_adapter(name)
+        want = model_logits(model, inputs)[row]
+        torch.testing.assert_close(got[row, :want.shape[0]] if want.dim() == 2 else got[row], want)
