@@ -115,7 +115,7 @@ def _unlink_quietly(*paths: str) -> None:
             os.unlink(path)
 
 
-def _replace_files(directory: str, writes: dict[str, Callable[[str], None]]) -> None:
+def _replace_files(writes: dict[str, Callable[[str], None]]) -> None:
     """Write each file to its pending name, fsync all, then rename them in order; caller holds the lock."""
     pending = {path: _pending(path) for path in writes}
     try:
@@ -159,7 +159,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     with directory_lock(directory) as fd:
         _finish_interrupted_save(directory)
-        _replace_files(directory, {path: _bytes_writer(data)})
+        _replace_files({path: _bytes_writer(data)})
         _fsync_directory(fd)
 
 
@@ -168,7 +168,7 @@ def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None
     directory = os.path.dirname(os.path.abspath(path))
     cpu = _cpu_copies(tensors)
     with directory_lock(directory) as fd:
-        _replace_files(directory, {path: _bytes_writer(safetensors_bytes(cpu, metadata={"format": "pt"}))})
+        _replace_files({path: _bytes_writer(safetensors_bytes(cpu, metadata={"format": "pt"}))})
         _fsync_directory(fd)
 
 
@@ -181,7 +181,7 @@ def write_adapter_files(directory: str, tensors: dict[str, torch.Tensor], config
                 DIGEST_METADATA_KEY: tensor_digest(cpu, config_json)}
     with directory_lock(directory) as fd:
         _finish_interrupted_save(directory)
-        _replace_files(directory, {  # weights first: their metadata names the config that completes them
+        _replace_files({  # weights first: their metadata names the config that completes them
             os.path.join(directory, WEIGHTS_NAME): _bytes_writer(safetensors_bytes(cpu, metadata=metadata)),
             os.path.join(directory, CONFIG_NAME): _bytes_writer(config_json.encode("utf-8")),
         })

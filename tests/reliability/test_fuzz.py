@@ -149,7 +149,7 @@ def _apply(kind: str, config: PeftConfig) -> tuple[nn.Module, PeftModel | None, 
         return model, None, exc
 
 
-@profile(120)
+@profile(300)
 @given(data=st.data())
 def test_fuzzed_config_is_refused_by_name_or_builds_a_working_model(data: st.DataObject) -> None:
     peft_type = data.draw(st.sampled_from(sorted(VALID)), label="peft_type")
@@ -280,7 +280,8 @@ def damage(draw: st.DrawFn, tensors: dict[str, torch.Tensor]) -> tuple[str, Call
     def retensor(edit: Callable[[dict[str, torch.Tensor]], None], keep_metadata: bool) -> Callable[[str], None]:
         def apply(directory: str) -> None:
             full = os.path.join(directory, weights_path)
-            header, _ = _header(open(full, "rb").read())
+            with open(full, "rb") as fh:
+                header, _ = _header(fh.read())
             tensors_now = load_file(full)
             edit(tensors_now)
             save_file(tensors_now, full, metadata=header["__metadata__"] if keep_metadata else {"format": "pt"})
@@ -365,7 +366,7 @@ def damage(draw: st.DrawFn, tensors: dict[str, torch.Tensor]) -> tuple[str, Call
 ALLOWED = (CheckpointError, PeftConfigError, TargetModuleError)
 
 
-@profile(100)
+@profile(250)
 @given(data=st.data())
 def test_damaged_checkpoint_is_refused_by_name_and_leaves_the_model_unchanged(data: st.DataObject, saved) -> None:
     name = data.draw(st.sampled_from(sorted(saved)), label="adapter")

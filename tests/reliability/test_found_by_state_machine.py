@@ -1,0 +1,88 @@
+"""Regular tests for what the state machine of ``test_stateful.py`` found, each shrunk to the few steps that show it.
+
+Each failed on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_inputs, make_model, model_logits
+
+from peftkit import (
+    BitFitConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from peftkit.core.layer import BASE_ADAPTER_NAME
+
+from .test_stateful import TASKS, assert_same_state, model_state
+
+
+def test_adapter_added_after_disable_adapter_layers_stays_disabled() -> None:
+    # Found by the machine (T5: LoRA, disable_adapter_layers, add BitFit, delete the LoRA): layers made by a later
+    # add_adapter were enabled, so the "disabled" model ran the new adapter.
+    inputs = make_inputs("gpt2")
+    expected = model_logits(make_model("gpt2"), inputs)
+    model = get_peft_model(make_model("gpt2"), LoraConfig(target_modules=["c_attn"], init_lora_weights=False)).eval()
+    model.disable_adapter_layers()
+    model.add_adapter("b", LoraConfig(target_modules=["c_fc"], init_lora_weights=False))
+    model.add_adapter("c", IA3Config(init_ia3_weights=False))
+    model.set_adapter(["default", "b", "c"])
+    torch.testing.assert_close(model_logits(model, inputs), expected, rtol=0, atol=0)
+    model.enable_adapter_layers()
+    with model.disable_adapter():  # one added inside the block follows the model once the block ends
+        model.add_adapter("d", LoraConfig(target_modules=["mlp.c_proj"], init_lora_weights=False))
+    model.set_adapter("d")
+    assert not torch.equal(model_logits(model, inputs), expected)
+
+
+@pytest.mark.parametrize("config", [LoraConfig(target_modules=["c_attn"], init_lora_weights=False),
+                                    IA3Config(init_ia3_weights=False), BitFitConfig(init_bitfit_weights=False)],
+                         ids=["lora", "ia3", "bitfit"])
+def test_mixed_batch_of_a_disabled_model_is_the_base_model(config: PeftConfig) -> None:
+    # Found by the machine: rows routed to a LoRA / (IA)³ / BitFit adapter ran it although adapters were disabled
+    # (prompt adapters did not); disabled wins, as in HF peft.
+    inputs = make_inputs("gpt2")
+    model = get_peft_model(make_model("gpt2"), config).eval()
+    model.disable_adapter_layers()
+    got = model_logits(model, inputs, adapter_names=["default", BASE_ADAPTER_NAME, "default"])
+    torch.testing.assert_close(got, model_logits(make_model("gpt2"), inputs), rtol=0, atol=0)
+
+
+def test_merge_adapter_while_adapters_are_disabled_is_refused() -> None:
+    # Found by the machine (BitFit, disable_adapter_layers, merge_adapter): the merge went into the weights the
+    # disabled model computes with, so "the base model" silently became the merged one.
+    inputs = make_inputs("gpt2")
+    model = get_peft_model(make_model("gpt2"), BitFitConfig(init_bitfit_weights=False)).eval()
+    model.disable_adapter_layers()
+    expected, before = model_logits(model, inputs), model_state(model)
+    with pytest.raises(ValueError, match="enable_adapter_layers"):
+        model.merge_adapter()
+    assert_same_state(before, model_state(model), "refused merge_adapter")
+    with model.disable_adapter(), pytest.raises(ValueError, match="disabled"):
+        model.merge_adapter()
+    torch.testing.assert_close(model_logits(model, inputs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prefix_first", [True, False], ids=["prefix-added-first", "prompt-added-first"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_prefix_rows_beside_prompt_rows_equal_their_single_runs(kind: str, prefix_first: bool) -> None:
+    # Found by the machine (UniPELT rows beside a prompt-tuning row): with the prefix adapter added first, its
+    # position ids were moved up by the prompt's length in rows that have no prompt (logits off by up to 0.27).
+    task = TASKS[kind]
+    configs = [("prefix", PrefixTuningConfig(num_virtual_tokens=2, task_type=task)),
+               ("prompt", PromptTuningConfig(num_virtual_tokens=3, task_type=task))]
+    first, second = configs if prefix_first else configs[::-1]
+    model = get_peft_model(make_model(kind), first[1], first[0]).eval()
+    model.add_adapter(*second)
+    inputs = make_inputs(kind)
+    got = model_logits(model, inputs, adapter_names=["prompt", "prefix", "prefix"])
+    for row, name in enumerate(["prompt", "prefix", "prefix"]):
+        model.set_adapter(name)
+        want = model_logits(model, inputs)[row]
+        torch.testing.assert_close(got[row, :want.shape[0]] if want.dim() == 2 else got[row], want)
