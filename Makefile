@@ -24,10 +24,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(PY) examples/quickstart.py
 
-# Lint, then the suite with a line-coverage report of peftkit/ (uncovered lines listed; under 85 % fails).
+# Lint, then the suite with a line-coverage report of peftkit/ (uncovered lines listed; under 90 % fails). Code run
+# in subprocesses counts too (`peftkit serve`, torchrun workers, forked crash tests): see [tool.coverage.run] in
+# pyproject.toml.
 test: setup
 	$(VENV)/bin/ruff check peftkit tests examples benchmarks
-	$(PY) -m pytest -q -p no:cacheprovider --cov=peftkit --cov-report=term-missing:skip-covered --cov-fail-under=85
+	$(PY) -m pytest -q -p no:cacheprovider --cov=peftkit --cov-report=term-missing:skip-covered --cov-fail-under=90
 
 bench: setup
 	$(PIP) -e ".[bench]" gguf

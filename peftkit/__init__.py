@@ -41,6 +41,7 @@ from peftkit.functional import (
     set_peft_model_state_dict,
     set_requires_grad,
 )
+from peftkit.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.adapters import AdapterConfig
 from peftkit.methods.bitfit import BitFitConfig
@@ -48,11 +49,16 @@ from peftkit.methods.composite import CompositeConfig, MAMConfig
 from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora_data_init import get_eva_state_dict, initialize_lora_eva_weights, preprocess_corda
+from peftkit.methods.lora_init import CordaConfig, EvaConfig, LoftQConfig
+from peftkit.methods.lora_loftq import replace_lora_weights_loftq
 from peftkit.methods.p_tuning import PromptEncoderConfig, PTuningConfig
 from peftkit.methods.parallel_adapter import ParallelAdapterConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, PTuningV2Config
 from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.unipelt import UniPELTConfig
+from peftkit.optimizers import create_loraplus_optimizer
 from peftkit.peft_types import PeftType
 
 __version__ = "0.1.0"
@@ -73,7 +79,10 @@ __all__ = [
     "BitFitConfig",
     "CheckpointError",
     "CompositeConfig",
+    "CordaConfig",
+    "EvaConfig",
     "IA3Config",
+    "LoftQConfig",
     "LoraConfig",
     "MAMConfig",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
@@ -99,18 +108,26 @@ __all__ = [
     "TaskType",
     "TunerLayerStatus",
     "TunerModelStatus",
+    "TrainableTokensConfig",
     "UniPELTConfig",
     "__version__",
+    "create_loraplus_optimizer",
     "get_layer_status",
     "get_model_status",
     "get_peft_config",
     "get_peft_model",
+    "get_eva_state_dict",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "preprocess_corda",
     "quantize_model",
     "register",
+    "replace_lora_weights_loftq",
     "rescale_adapter_scale",
     "set_peft_model_state_dict",
     "set_requires_grad",

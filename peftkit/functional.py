@@ -19,6 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from peftkit.core import checkpoint as ckpt
 from peftkit.core.checkpointing import _without_wrapper_hops
 from peftkit.core.config import PeftConfig
+from peftkit.core.embeddings import embedding_layer_tensors
 from peftkit.core.errors import CheckpointError, PeftConfigError
 from peftkit.core.inject import adapter_layers
 from peftkit.core.model import PeftModel
@@ -74,18 +75,15 @@ def get_peft_model_state_dict(
         state_dict: A full state dict of ``model`` gathered elsewhere (FSDP, DeepSpeed); adapter tensors are read
             from it instead of from the live parameters.
         unwrap_compiled: Accepted for HF compatibility; compiled (and DDP/FSDP1) wrappers are always looked through.
-        save_embedding_layers: ``"auto"`` or False: the checkpoint holds adapter tensors only (the base embedding is
-            never copied). True (HF: also save the full embedding matrices) is refused with an explanation.
+        save_embedding_layers: True, False or ``"auto"``: whether the input and output embedding matrices are
+            added (HF's rule, see :mod:`peftkit.core.embeddings`), as ``save_pretrained`` does.
     """
     del unwrap_compiled  # always unwrapped
-    if save_embedding_layers is True:
-        raise ValueError(
-            "save_embedding_layers=True is not supported yet: peftkit checkpoints hold adapter tensors only. For a "
-            "resized vocabulary, put the embedding and output layers in modules_to_save (they are then saved whole)."
-        )
-    if save_embedding_layers not in ("auto", False):
-        raise ValueError(f"save_embedding_layers must be 'auto', False or True, got {save_embedding_layers!r}.")
     tensors = _live_tensors(model, adapter_name)
+    if isinstance(unwrap_model(model), PeftModel):
+        tensors.update(embedding_layer_tensors(unwrap_model(model), adapter_name, save_embedding_layers))
+    elif save_embedding_layers not in ("auto", False):  # adapters injected directly: no config to decide by
+        raise ValueError("save_embedding_layers=True needs a PeftModel; save the embeddings with the base model.")
     if state_dict is not None:  # the gathered copy of each tensor, found through the live tensor's name
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         name_of = {id(t): _without_wrapper_hops(n) for n, t in named}

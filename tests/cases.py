@@ -24,6 +24,7 @@ from peftkit import (
     PromptEncoderConfig,
     PromptTuningConfig,
     PTuningV2Config,
+    TrainableTokensConfig,
     UniPELTConfig,
 )
 
@@ -135,6 +136,13 @@ METHOD_CASES: list[MethodCase] = [
     _lora_case("lora-t5-default-targets", "t5", r=4),
     _lora_case("lora-opt-layers-to-transform", "opt", r=4, target_modules=["q_proj", "v_proj", "fc1"],
                layers_to_transform=[1]),
+    # Every other token id trains (the contract inputs are random ids, so they occur); GPT-2's head is tied to them.
+    _lora_case("lora-llama-trainable-token-rows", "llama", r=4, trainable_token_indices=list(range(3, 64, 2))),
+    MethodCase("trainable-tokens-gpt2-tied", "gpt2", lambda: TrainableTokensConfig(
+        token_indices=list(range(3, 64, 2)), init_weights=False), lambda: TrainableTokensConfig(
+        token_indices=list(range(3, 64, 2)))),
+    MethodCase("lora-mixtral-experts", "mixtral", *_lora(r=2, target_modules=["q_proj"],
+                                                         target_parameters=["gate_up_proj", "down_proj"])),
     _adalora_case("adalora-gpt2-default-targets", "gpt2", init_r=4, target_r=2, total_step=20, lora_alpha=2),
     _adalora_case("adalora-bert-seqcls-dropout", "bert", init_r=4, target_r=2, total_step=20, task_type="SEQ_CLS",
                   lora_alpha=2, lora_dropout=0.1),

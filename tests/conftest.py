@@ -69,8 +69,19 @@ def tiny_opt() -> nn.Module:
         max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=2))
 
 
+def tiny_mixtral() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM  # transformers 5: experts are 3-D parameters
+
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        experts_implementation="eager"))  # the per-expert loop runs in any dtype (grouped_mm has no float64)
+
+
 MODEL_FACTORIES: dict[str, Callable[[], nn.Module]] = {
     "gpt2": tiny_gpt2, "bert": tiny_bert, "roberta": tiny_roberta, "llama": tiny_llama, "t5": tiny_t5, "opt": tiny_opt,
+    "mixtral": tiny_mixtral,
 }
 
 

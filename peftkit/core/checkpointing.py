@@ -21,6 +21,7 @@ from torch import nn
 
 from peftkit.core import checkpoint as ckpt
 from peftkit.core.config import PeftConfig
+from peftkit.core.embeddings import embedding_layer_tensors, embedding_load_targets
 from peftkit.core.errors import CheckpointError, PeftConfigError
 from peftkit.core.registry import method_for
 from peftkit.core.targets import logical_name
@@ -89,6 +90,7 @@ class AdapterCheckpoints:
         revision: str | None = None,
         create_pr: bool = False,
         tags: list[str] | None = None,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs: object,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
@@ -101,11 +103,16 @@ class AdapterCheckpoints:
                 ``FULL_STATE_DICT``, DeepSpeed ZeRO-3's consolidated weights); adapter tensors are read from it
                 instead of from the live parameters, which may be shards.
             safe_serialization: Only True: peftkit writes safetensors.
-            save_embedding_layers: ``"auto"`` or False: checkpoints hold adapter tensors only, never a base
-                embedding matrix. True is refused (as by ``get_peft_model_state_dict``).
+            save_embedding_layers: True: also save the input and output embedding matrices (a resized
+                vocabulary); ``"auto"`` (HF's default): when the base model's ``config.json`` has another
+                ``vocab_size`` (:mod:`peftkit.core.embeddings`); False: never.
             push_to_hub: Then upload the adapter files and a model card (``README.md``, merged into one already in
                 ``save_directory``) to ``repo_id`` (default: the directory's name); the other keywords are
                 :meth:`push_to_hub`'s.
+            path_initial_model_for_weight_conversion: For adapters whose init rewrote the base weights: the
+                directory holding the adapter as saved before training. The adapter is then written in a form that
+                applies to the original base weights (HF peft's argument; see the method's
+                ``convert_for_initial_model``).
 
         Raises:
             CheckpointError: an adapter tensor is a shard (a DTensor, or the empty placeholder FSDP1 and ZeRO-3
@@ -114,15 +121,11 @@ class AdapterCheckpoints:
         hub.refuse_kwargs("PeftModel.save_pretrained", kwargs, accepted=(
             "selected_adapters", "is_main_process", "state_dict", "safe_serialization", "save_embedding_layers",
             "push_to_hub", "repo_id", "commit_message", "commit_description", "private", "token", "revision",
-            "create_pr", "tags"))
+            "create_pr", "tags", "path_initial_model_for_weight_conversion"))
         if safe_serialization is not True:
             raise ValueError("peftkit writes safetensors only; drop safe_serialization=False.")
-        if save_embedding_layers not in ("auto", False):
-            raise ValueError(
-                f"save_embedding_layers={save_embedding_layers!r} is not supported: peftkit checkpoints hold adapter "
-                "tensors only. For a resized vocabulary, put the embedding and output layers in modules_to_save "
-                "(they are then saved whole)."
-            )
+        if save_embedding_layers not in ("auto", True, False):
+            raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_known(names)
         if not is_main_process:
@@ -137,14 +140,21 @@ class AdapterCheckpoints:
         if state_dict is not None:  # named_parameters, not state_dict(): FSDP's state-dict hooks may communicate
             named = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
             by_id = {id(t): _without_wrapper_hops(n) for n, t in named}
+        writes = []  # every adapter is read (and converted) before the first file is written
         for name in names:
             tensors = self._adapter_tensors(name, materialize=False)
+            tensors.update(embedding_layer_tensors(self, name, save_embedding_layers))
             if by_id is not None:  # the gathered copy of each parameter, found through the live parameter's name
                 tensors = {k: state_dict.get(by_id.get(id(t), ""), t) for k, t in tensors.items()}
             _refuse_shards(tensors, name)
+            saved_config = self._saved_config(name)
+            if path_initial_model_for_weight_conversion is not None:
+                tensors, saved_config = method_for(saved_config).convert_for_initial_model(
+                    saved_config, tensors, os.fspath(path_initial_model_for_weight_conversion))
             directory = os.path.join(save_directory, "" if name == "default" else name)
-            saved = self._saved_config(name).to_json_string()
-            ckpt.write_adapter_files(directory, {k: v.detach() for k, v in tensors.items()}, saved)
+            writes.append((directory, {k: v.detach() for k, v in tensors.items()}, saved_config.to_json_string()))
+        for directory, tensors, saved in writes:
+            ckpt.write_adapter_files(directory, tensors, saved)
         if push_to_hub:
             hub.upload_adapters(
                 os.fspath(save_directory), {name: self._saved_config(name) for name in names},
@@ -325,8 +335,14 @@ class AdapterCheckpoints:
 
     def _load_weights(self, adapter_name: str, weights: dict[str, torch.Tensor], where: str,
                       mismatch: list[str] | None = None) -> None:
+        for method, leaf in self._leaves(adapter_name):  # checkpoints written for an older layout of the model
+            weights = method.convert_checkpoint(self.base_model.model, leaf, weights)
         expected = self.get_adapter_state_dict(adapter_name, live=True)
         overrides = self._base_overrides([k for k in weights if k not in expected])
+        base_names = {k: k[len(ckpt.KEY_PREFIX):] for k in overrides}
+        extra, extra_base = embedding_load_targets(self, adapter_name)  # save_embedding_layers, tied copies
+        overrides.update({k: t for k, t in extra.items() if k in weights and k not in expected})
+        base_names.update({k: n for k, n in extra_base.items() if k in overrides})
         expected_all = {**expected, **overrides}
         on_meta = sorted(k for k, t in expected_all.items() if t.is_meta)
         if on_meta:  # copy_ into a meta tensor is a silent no-op: the adapter would keep no weights
@@ -342,8 +358,8 @@ class AdapterCheckpoints:
             )
         with torch.no_grad():
             for key, target in expected_all.items():
-                if key in overrides:
-                    self._base_snapshot.setdefault(key[len(ckpt.KEY_PREFIX):], target.detach().clone())
+                if key in base_names:
+                    self._base_snapshot.setdefault(base_names[key], target.detach().clone())
                 target.copy_(weights[key].to(dtype=target.dtype, device=target.device))
 
 

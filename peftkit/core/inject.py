@@ -50,6 +50,14 @@ def inject_adapter(model: nn.Module, method: type[PeftMethod], config: PeftConfi
     """
     if not isinstance(config, TunerConfig):
         return []
+    targets = _wrap_targets(model, method, config, adapter_name) if config.target_modules else []
+    beyond = method.inject_beyond_modules(model, config, adapter_name)
+    if not targets and not beyond:
+        match_targets(model, [], config.exclude_modules)  # raises: the config targets nothing
+    return targets + beyond
+
+
+def _wrap_targets(model: nn.Module, method: type[PeftMethod], config: TunerConfig, adapter_name: str) -> list[str]:
     heads = set(config.modules_to_save or [])
     # Task heads (this adapter's, or copies other adapters own) are trained whole, never wrapped again.
     skip = {

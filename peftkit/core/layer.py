@@ -137,6 +137,16 @@ class AdapterLayer(nn.Module):
                 out.update({f"{attr}.{k}": v for k, v in item.state_dict(keep_vars=True).items()})
         return out
 
+    def load_aliases(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Tensors this layer also accepts on load under other keys (relative to it) that it never saves, e.g. a
+        tied copy another library writes; optional in a checkpoint."""
+        return {}
+
+    def checkpoint_base_prefix(self, adapter_name: str) -> str:
+        """Where checkpoints that hold the wrapped module's own weights (``save_embedding_layers``) put them,
+        relative to this layer: HF peft's ``base_layer.`` hop."""
+        return "base_layer."
+
     def iter_adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
         for attr in self.adapter_param_names:
             container = getattr(self, attr)

@@ -111,6 +111,31 @@ class PeftMethod:
         layer.update_layer(adapter_name, config, module_name)  # type: ignore[operator]
 
     @classmethod
+    def inject_beyond_modules(cls, model: nn.Module, config: PeftConfig, adapter_name: str) -> list[str]:
+        """Wrap what ``config`` targets besides ``target_modules`` (parameters a module holds directly, rows of an
+        embedding) and return the names of the modules wrapped. The walker calls it after wrapping
+        ``target_modules``, which may then be empty (HF peft's ``target_modules=[]``)."""
+        return []
+
+    @classmethod
+    def convert_checkpoint(cls, model: nn.Module, config: PeftConfig, weights: dict[str, torch.Tensor]
+                           ) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors written for an older layout of ``model``, rekeyed (and reshaped) for the current one;
+        called before an adapter's tensors are checked and loaded. Returns ``weights`` unchanged by default."""
+        return weights
+
+    @classmethod
+    def convert_for_initial_model(cls, config: PeftConfig, tensors: dict[str, torch.Tensor], directory: str
+                                  ) -> tuple[dict[str, torch.Tensor], PeftConfig]:
+        """``save_pretrained(path_initial_model_for_weight_conversion=directory)``: the checkpoint tensors and config
+        of an adapter whose init rewrote the base weights, converted to apply to the original base; ``directory``
+        holds the adapter as saved before training. Methods without such inits refuse."""
+        raise PeftConfigError(
+            f"path_initial_model_for_weight_conversion converts adapters whose init rewrote the base weights; "
+            f"{config.peft_type} adapters never do. Drop the argument."
+        )
+
+    @classmethod
     def trainable_base_parameters(cls, model: nn.Module, config: PeftConfig) -> list[str]:
         """Names (in ``model``) of existing base parameters the method trains and saves, e.g. biases."""
         return []

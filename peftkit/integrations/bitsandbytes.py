@@ -26,6 +26,7 @@ from torch import nn
 from peftkit.core.errors import TargetModuleError
 from peftkit.core.inject import replace_module
 from peftkit.core.layer import AdapterLayer, base_layer_of
+from peftkit.methods.dora import attach_variant, merge_factors, merged_weight, unmerged_weight
 from peftkit.methods.lora import LoraConfig, LoraLayer, LoraLinear
 
 __all__ = [
@@ -150,7 +151,12 @@ class _QuantizedLoraLinear(LoraLinear):
         lora_a, lora_b = (m.to(device=device, dtype=torch.float32) for m in self._make_pair(r))
         self.lora_A[adapter_name], self.lora_B[adapter_name] = lora_a, lora_b
         self.reset_adapter_parameters(adapter_name, config.init_lora_weights)
+        attach_variant(self, adapter_name, config)
         self._refresh_slots()
+
+    def dense_weight(self) -> torch.Tensor:
+        """The float weight ``(out, in)`` the base computes with (DoRA's norm runs over its rows)."""
+        return dequantize_weight(self.get_base_layer())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if x.dtype == torch.float32:  # output dtype = input dtype: LoraLinear's fused addmm is already fp32
@@ -164,13 +170,8 @@ class _QuantizedLoraLinear(LoraLinear):
         return (lora_b.float() @ lora_a.float()) * self.scaling[adapter_name]
 
     def _merged_weight(self, names: list[str]) -> torch.Tensor:
-        weight = dequantize_weight(self.get_base_layer())
-        for name in names:
-            weight = weight + self.delta_weight(name)
-            if not torch.isfinite(weight).all():
-                raise ValueError(f"Merging adapter {name!r} into {type(self).__name__} gives non-finite weights "
-                                 "(the adapter holds NaN/inf). Nothing was merged.")
-        return weight
+        # W + Σ (α/r)·B A, or for DoRA adapters f ⊙ (W + (α/r)·B A) (peftkit/methods/dora.py); raises if not finite.
+        return merged_weight(self, dequantize_weight(self.get_base_layer()), names)[0]
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         self._merged_weight(self._to_merge(adapter_names))
@@ -200,18 +201,18 @@ class _QuantizedLoraLinear(LoraLinear):
         if not names:
             return
         self._warn_rounding("Merging")
+        factors = merge_factors(self, names)  # what undoes DoRA's rescaling; from the weight before the merge
         _requantize(self.get_base_layer(), self._merged_weight(names))
+        self.variant_merged.update(factors)
         self.merged_adapters.extend(names)
+        self.variant_cache.clear()
 
     def unmerge(self) -> None:
         """``W_q ← quant(dequant(W_q) − Σ (α/r)·B A)``: a second rounding, so not bit-exact (warns)."""
         if not self.merged_adapters:
             return
         self._warn_rounding("Unmerging")
-        weight = dequantize_weight(self.get_base_layer())
-        while self.merged_adapters:
-            weight = weight - self.delta_weight(self.merged_adapters.pop())
-        _requantize(self.get_base_layer(), weight)
+        _requantize(self.get_base_layer(), unmerged_weight(self, dequantize_weight(self.get_base_layer())))
 
     def merged_module(self, adapter_names: list[str] | None, dequantize: bool = False) -> nn.Module:
         """The quantised base with the adapters merged (lossy), or with ``dequantize`` an ``nn.Linear`` holding

@@ -16,10 +16,12 @@ from peftkit.methods import (
     prefix_tuning,
     prompt_learning,
     prompt_tuning,
+    trainable_tokens,
     unipelt,
 )
 
 __all__ = [
     "adalora", "adapters", "bitfit", "bottleneck", "composite", "fusion", "ia3", "lora", "p_tuning",
-    "parallel_adapter", "prefix_tuning", "prompt_learning", "prompt_tuning", "unipelt",
+    "parallel_adapter", "prefix_tuning", "prompt_learning", "prompt_tuning", "trainable_tokens",
+    "unipelt",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +27,8 @@ from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, base_layer_of
 from peftkit.core.registry import PeftMethod, register
 from peftkit.core.targets import candidate_modules
 from peftkit.integrations.default_targets import LORA_TARGETS, default_targets
+from peftkit.methods import lora_init
+from peftkit.methods.dora import attach_variant, check_dora_config, merge_layer, unmerge_layer
 from peftkit.methods.gating import check_gate, gate, gate_values, new_gate, record, without_unset_gate
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraMethod"]
@@ -49,24 +51,32 @@ class LoraConfig(TunerConfig):
             Trained biases are saved in the checkpoint and restored by ``unload()``.
         use_rslora: Scale by ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA, arXiv:2312.03732).
         init_lora_weights: True (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r), B zero), or False
-            (B random too, so the adapter changes the output at once; for tests).
+            (B random too, so the adapter changes the output at once; for tests). From the base weight, which
+            becomes ``W − (α/r)·B₀A₀``: ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"loftq"``, ``"corda"``;
+            from data: ``"eva"`` (see :mod:`peftkit.methods.lora_init`, :mod:`peftkit.methods.lora_data_init`).
+        loftq_config, eva_config, corda_config: Settings of those inits (``LoftQConfig``, ``EvaConfig``,
+            ``CordaConfig``); ignored (with a warning) for other inits.
         rank_pattern: ``{module name or regex: r}`` overriding ``r`` for matching modules.
         alpha_pattern: ``{module name or regex: alpha}`` overriding ``lora_alpha``.
         gate: None (default), ``"mean"`` or ``"token"``: UniPELT's learned gate ``G(x) = σ(W_g x + b_g)`` (one per
             example, averaged over tokens, or one per token) replaces ``α/r``: ``h = W0 x + G(x)·B A x``. Linear and
             ``Conv1D`` layers only; a gated adapter cannot be merged. Left out of the saved config when None.
+        use_dora: DoRA (arXiv:2402.09353): ``W' = m ⊙ (W + s·B A) / ‖W + s·B A‖_c`` with a trained magnitude ``m``
+            per output row; see :mod:`peftkit.methods.dora`.
+        target_parameters: Parameters to adapt directly, e.g. the 3-D expert stacks of MoE models
+            (``["gate_up_proj", "down_proj"]``): one low-rank update per expert (:mod:`peftkit.methods.lora_experts`).
+        trainable_token_indices: Embedding rows to train besides LoRA: a list of token ids (input embedding) or
+            ``{module name: ids}``; see :mod:`peftkit.methods.trainable_tokens`.
 
     Raises:
         PeftConfigError: a field is out of range; the message names it.
     """
 
     peft_type: ClassVar[str] = "LORA"
-    # eva_config only feeds the data-driven init (``initialize_lora_eva_weights``); once trained, an EVA adapter is
-    # plain LoRA. enable_lora / merge_weights are fields of peft < 0.3 (MergedLinear), unset in its LoRA configs.
+    # enable_lora / merge_weights are fields of peft < 0.3 (MergedLinear), unset in its LoRA configs.
     hf_unsupported_fields: ClassVar[dict[str, Any]] = {
-        "eva_config": ANY_VALUE, "enable_lora": None, "merge_weights": False,
-        "use_dora": False, "lora_bias": False, "layer_replication": None, "loftq_config": {}, "megatron_config": None,
-        "corda_config": None, "target_parameters": None, "trainable_token_indices": None,
+        "enable_lora": None, "merge_weights": False,
+        "lora_bias": False, "layer_replication": None, "megatron_config": None,
         "use_qalora": False, "qalora_group_size": ANY_VALUE, "alora_invocation_tokens": None, "arrow_config": None,
         "ensure_weight_tying": False, "kasa_config": None, "lora_ga_config": None, "monteclora_config": None,
         "use_bdlora": None, "velora_config": None, "runtime_config": None,
@@ -82,6 +92,12 @@ class LoraConfig(TunerConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     gate: str | None = None
+    loftq_config: lora_init.LoftQConfig | dict[str, Any] = field(default_factory=dict)
+    eva_config: lora_init.EvaConfig | dict[str, Any] | None = None
+    corda_config: lora_init.CordaConfig | dict[str, Any] | None = None
+    use_dora: bool = False
+    target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,15 +107,15 @@ class LoraConfig(TunerConfig):
             raise PeftConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise PeftConfigError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in _INITS:
-            rewrites_base = isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(
-                ("pissa", "olora", "corda", "loftq", "lora_ga"))
+        if self.init_lora_weights not in _INITS and not lora_init.is_base_init(self.init_lora_weights):
+            rewrites_base = isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith("lora_ga")
             why = (" It changes the base weights at init (the saved adapter only fits the changed base), which "
                    "peftkit does not implement yet." if rewrites_base else "")
             raise PeftConfigError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not supported.{why} Use one of "
-                f"{list(_INITS)}."
+                f"{[*_INITS, 'pissa', 'pissa_niter_<N>', 'olora', 'loftq', 'corda']}."
             )
+        lora_init.normalise_init_configs(self)  # loftq/eva/corda sub-configs
         if self.init_lora_weights == "orthogonal" and self.r % 2:
             raise PeftConfigError(f"init_lora_weights='orthogonal' needs an even rank r, got r={self.r}.")
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
@@ -109,9 +125,16 @@ class LoraConfig(TunerConfig):
             for key in getattr(self, name):
                 check_regex(f"{type(self).__name__}.{name} key", key)
         check_gate(type(self).__name__, self.gate)
+        check_dora_config(self)
+        from peftkit.methods import lora_experts  # target_parameters, trainable_token_indices
+
+        lora_experts.check_beyond_modules(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return without_unset_gate(super().to_dict())
+        out = without_unset_gate(super().to_dict())
+        for key in ("eva_config", "corda_config"):  # JSON objects, as HF peft writes them
+            out[key] = asdict(out[key]) if is_dataclass(out[key]) else out[key]
+        return out
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha for one module, after ``rank_pattern`` / ``alpha_pattern`` (HF's matching rule)."""
@@ -148,8 +171,10 @@ class LoraLayer(AdapterLayer):
     """Shared bookkeeping of LoRA layers: per-adapter A, B, dropout and scale ``α/r`` (or ``α/√r``), or the gate
     ``G(x)`` (``lora_gate``, a ``Linear(in, 1)``) that replaces the scale of a gated adapter."""
 
-    adapter_param_names = ("lora_A", "lora_B", "lora_gate")
-    adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling", "unscaled", "gate_reduce", "gate_values")
+    adapter_param_names = ("lora_A", "lora_B", "lora_gate", "lora_magnitude_vector")
+    adapter_attr_names = ("lora_dropout", "r", "lora_alpha", "scaling", "unscaled", "gate_reduce", "gate_values",
+                          "lora_variant", "variant_cache")
+    merge_state_attrs = ("variant_merged",)
     method_name = "LoRA"
     weight_effect = "add"
 
@@ -160,7 +185,8 @@ class LoraLayer(AdapterLayer):
         self._slots: tuple = ()
         self._slot_names: tuple[str, ...] = ()
         for attr in self.adapter_param_names:
-            setattr(self, attr, nn.ParameterDict() if attr.startswith("lora_embedding") else nn.ModuleDict())
+            tensors = attr.startswith(("lora_embedding", "lora_magnitude"))  # held as parameters, not modules
+            setattr(self, attr, nn.ParameterDict() if tensors else nn.ModuleDict())
         self.lora_gate = nn.ModuleDict()  # gated adapters only (LoraMethod refuses gates on other than linears)
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -169,6 +195,15 @@ class LoraLayer(AdapterLayer):
         self.gate_reduce: dict[str, str] = {}
         self.gate_values: dict[str, torch.Tensor] = {}  # the last forward's gates, for gate_values()
         self.unscaled: dict[str, float] = {}  # the configured scale of adapters set_scale has changed
+        # Variants (DoRA, peftkit/methods/dora.py) replace plain LoRA's forward and merge for their adapters.
+        self.lora_variant: dict[str, Any] = {}
+        self.variant_cache: dict[Any, Any] = {}  # eval-mode norms, keyed on the tensors' versions
+        self.variant_merged: dict[str, torch.Tensor] = {}  # what undoes a variant's merge
+
+    def train(self, mode: bool = True) -> LoraLayer:
+        if mode != self.training:  # DoRA's cached norms (peftkit/methods/dora.py) start afresh in the new mode
+            self.variant_cache.clear()
+        return super().train(mode)
 
     def adapter_scale(self, adapter_name: str) -> float | None:
         if adapter_name not in self.scaling:
@@ -202,7 +237,7 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         lora_a, lora_b = self._make_pair(r)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = lora_a, lora_b
-        self.reset_adapter_parameters(adapter_name, config.init_lora_weights)
+        self.reset_adapter_parameters(adapter_name, config.init_lora_weights, config)
         weight = self.get_base_layer().weight
         # Half-precision bases keep fp32 adapters (HF peft's autocast_adapter_dtype): updates of size lr·grad
         # vanish when rounded to bf16.
@@ -212,10 +247,14 @@ class LoraLayer(AdapterLayer):
         if config.gate is not None:
             self.lora_gate[adapter_name] = new_gate(lora_a.weight.shape[1], like=lora_a.weight)
             self.gate_reduce[adapter_name] = config.gate
+        attach_variant(self, adapter_name, config)
         self._refresh_slots()
 
-    def reset_adapter_parameters(self, adapter_name: str, init: bool | str) -> None:
+    def reset_adapter_parameters(self, adapter_name: str, init: bool | str, config: LoraConfig | None = None) -> None:
         """B = 0 so the delta is zero at step 0 (LoRA paper Sec. 4.1); A as in loralib / HF peft."""
+        if lora_init.is_base_init(init):  # PiSSA, OLoRA, LoftQ, CorDA: A, B from W, and W ← W − s·B A
+            lora_init.init_from_base(self, adapter_name, init, config)
+            return
         lora_a, lora_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         if init is False:
             nn.init.normal_(lora_b, std=0.02)
@@ -237,6 +276,12 @@ class LoraLayer(AdapterLayer):
         x = x.to(lora_a.weight.dtype)
         return lora_b(lora_a(self.lora_dropout[name](x))) * self._scale(name, x)
 
+    def _apply_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        variant = self.lora_variant.get(name)
+        if variant is not None:  # DoRA rescales the output, so it takes the running result, not just a delta
+            return variant.forward(self, name, x, result)
+        return result + self._adapter_delta(name, x).reshape(result.shape).to(result.dtype)
+
     def _scale(self, name: str, x: torch.Tensor) -> float | torch.Tensor:
         """``α/r``, or a gated adapter's ``G(x)``: ``(B, 1, ..., 1)`` (``"mean"``) or ``(B, ..., 1)`` (``"token"``)."""
         if name not in self.lora_gate:
@@ -253,14 +298,14 @@ class LoraLayer(AdapterLayer):
             return result
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._adapter_delta(name, x).to(result.dtype)
+                result = self._apply_adapter(name, x, result)
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         for name, rows in self.rows_per_adapter(x.shape[0]).items():
             if name in self.r:
                 rows = rows.to(x.device)
-                result = result.index_add(0, rows, self._adapter_delta(name, x[rows]).to(result.dtype))
+                result = result.index_copy(0, rows, self._apply_adapter(name, x[rows], result[rows]))
         return result
 
     def merge_blocker(self, adapter_names: list[str]) -> str | None:
@@ -272,11 +317,21 @@ class LoraLayer(AdapterLayer):
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         self._refuse_gated(self._to_merge(adapter_names))
-        super().check_merge(adapter_names)
+        if not self.lora_variant:
+            return super().check_merge(adapter_names)
+        merge_layer(self, self._to_merge(adapter_names), write=False)
 
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
         self._refuse_gated(self._to_merge(adapter_names))
-        super().merge(adapter_names, safe)
+        # DoRA's W' = f ⊙ (W + ΔW) is not W + ΔW; with a variant on the layer every merge goes through dora.py.
+        if not self.lora_variant:
+            return super().merge(adapter_names, safe)
+        merge_layer(self, self._to_merge(adapter_names))
+
+    def unmerge(self) -> None:
+        if not self.lora_variant:
+            return super().unmerge()
+        unmerge_layer(self)
 
     def _refuse_gated(self, names: list[str]) -> None:
         # Whether LoRA may merge through the layers it is nested with is the core's structural check
@@ -325,7 +380,8 @@ class LoraLinear(LoraLayer):
         names = [n for n in self.active_adapters if n in self.lora_A]
         self._slot_names = tuple(names)  # kept apart: a name inside a slot would be guarded on with it
         self._slots = tuple(
-            (self.lora_A[n], self.lora_B[n], self.lora_dropout[n], self.scaling[n], n in self.lora_gate) for n in names
+            (self.lora_A[n], self.lora_B[n], self.lora_dropout[n], self.scaling[n],
+             n in self.lora_gate or n in self.lora_variant) for n in names
         )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -349,12 +405,13 @@ class LoraLinear(LoraLayer):
         out_shape = result.shape
         result = result.reshape(-1, self.out_features)
         for i, (lora_a, lora_b, dropout, scale, gated) in enumerate(slots):
-            if gated:  # G(x) per example or token replaces the constant scale addmm folds in
-                name = names[i]
-                result = result + self._adapter_delta(name, x).reshape(result.shape).to(result.dtype)
+            if gated:  # G(x) per example or token, or a variant (DoRA), replaces the fused addmm below
+                result = self._apply_adapter(names[i], x, result)
                 continue
             a, b = lora_a.weight, lora_b.weight
             hidden = F.linear(dropout(x.to(a.dtype)), a).reshape(-1, a.shape[0])
+            if isinstance(scale, torch.Tensor):  # peftkit.hotswap: a tensor, so a swap changes a value, not the graph
+                hidden, scale = hidden * scale, 1
             # addmm adds B·hidden and applies the scale inside one GEMM, sparing two passes over the output.
             result = torch.addmm(result, hidden.to(result.dtype), b.T.to(result.dtype), alpha=scale)
         return result.view(out_shape)
@@ -367,7 +424,7 @@ class LoraLinear(LoraLayer):
         present = [n for n in dict.fromkeys(names) if n in self.r]
         if not present:
             return result
-        if any(n in self.lora_gate for n in present):  # gates read each row's own input: go row group by group
+        if any(n in self.lora_gate or n in self.lora_variant for n in present):  # per row group (gates, DoRA)
             return super()._mixed_batch_forward(x, result)
         r_max = max(self.r[n] for n in present)
         dtype = self.lora_A[present[0]].weight.dtype
@@ -389,7 +446,7 @@ class LoraEmbedding(LoraLayer):
     A starts at zero and B Gaussian (HF peft's choice for embeddings), so the delta is zero at step 0.
     """
 
-    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         super().__init__(base_layer, module_name)
@@ -408,6 +465,7 @@ class LoraEmbedding(LoraLayer):
         if config.init_lora_weights is not False:
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
+        attach_variant(self, adapter_name, config)
 
     def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
@@ -459,7 +517,7 @@ class LoraMethod(PeftMethod):
         return None
 
     layer_class = LoraLayer
-    model_api = ("gate_values",)
+    model_api = ("gate_values", "add_weighted_adapter")
 
     @classmethod
     def default_target_modules(cls, model: nn.Module) -> list[str] | str | None:
@@ -495,6 +553,37 @@ class LoraMethod(PeftMethod):
         super().update_layer(layer, config, adapter_name, module_name)
 
     gate_values = staticmethod(gate_values)  # model.gate_values(): the gates of the last forward call
+
+    # target_parameters (MoE experts) and trainable_token_indices: lora_experts.py, which imports this module.
+    @classmethod
+    def prepare_config(cls, model: nn.Module, config: LoraConfig) -> LoraConfig:
+        from peftkit.methods import lora_experts
+
+        # PiSSA & co. rewrite base weights: every target is checked before the first is (lora_init.py).
+        return lora_init.check_base_init_targets(model, lora_experts.prepare_lora_config(model, config))
+
+    @classmethod
+    def inject_beyond_modules(cls, model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+        from peftkit.methods import lora_experts
+
+        return lora_experts.inject_beyond_modules(model, config, adapter_name)
+
+    @classmethod
+    def convert_checkpoint(cls, model: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor]
+                           ) -> dict[str, torch.Tensor]:
+        from peftkit.methods import lora_moe_convert
+
+        return lora_moe_convert.convert_moe_checkpoint(model, weights)
+
+    # save_pretrained(path_initial_model_for_weight_conversion=...): PiSSA & co. as a LoRA on the original base.
+    convert_for_initial_model = staticmethod(lora_init.convert_for_initial_model)
+
+    @classmethod
+    def add_weighted_adapter(cls, peft_model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        """``model.add_weighted_adapter(...)``: see :func:`peftkit.methods.lora_arithmetic.add_weighted_adapter`."""
+        from peftkit.methods.lora_arithmetic import add_weighted_adapter  # it imports this module
+
+        add_weighted_adapter(peft_model, *args, **kwargs)
 
     @classmethod
     def trainable_base_parameters(cls, model: nn.Module, config: LoraConfig) -> list[str]:

@@ -43,6 +43,13 @@ def check_servable(config: PeftConfig, label: str) -> LoraConfig:
         refused.append(f"bias={config.bias!r}: it trains biases of the base model, which every adapter shares")
     if config.modules_to_save:
         refused.append(f"modules_to_save={config.modules_to_save}: whole-module copies are not LoRA pairs")
+    # getattr: fields of newer LoraConfigs; each changes the layer beyond one B A pair per module.
+    if getattr(config, "use_dora", False):
+        refused.append("use_dora=True: DoRA rescales each output row by a norm of W + s·B A, not a B A pair; "
+                       "merge_and_unload() it and serve the merged model")
+    for name in ("target_parameters", "trainable_token_indices"):
+        if getattr(config, name, None):
+            refused.append(f"{name}={getattr(config, name)!r}: parameters that are not B A pairs of linear layers")
     if refused:
         raise PeftConfigError(f"{label} cannot be served by an AdapterPool: {'; '.join(refused)}.")
     return config

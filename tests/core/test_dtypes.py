@@ -53,6 +53,8 @@ ROWS = {
     "p-tuning-v2": "p-tuning-v2-bert-seqcls",
     "mam": "mam-gpt2",
     "unipelt": "unipelt-bert-seqcls",
+    "trainable-tokens": "trainable-tokens-gpt2-tied",
+    "lora-experts": "lora-mixtral-experts",
 }
 # Merged vs unmerged logits, in units of the dtype's eps times the largest logit: (W + ΔW) x rounds W + ΔW to the
 # dtype, W x + ΔW x does not, and the difference grows through the layers. Measured maxima 2.6 eps (bf16, AdaLoRA's

@@ -259,7 +259,7 @@ def test_from_pretrained_lists_known_types_when_peft_type_is_unknown(saved_adapt
         ({"r": 2.5}, "LoraConfig.r must be int, got 2.5"),
         ({"lora_dropout": 1.5}, "lora_dropout must be in [0, 1)"),
         ({"bias": "some"}, "bias must be 'none', 'all' or 'lora_only'"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' is not supported"),
+        ({"init_lora_weights": "lora_ga"}, "init_lora_weights='lora_ga' is not supported"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
         ({"task_type": "CAUSAL"}, "task_type='CAUSAL' is not known"),
         ({"layers_pattern": "layers"}, "layers_pattern only has an effect with layers_to_transform"),

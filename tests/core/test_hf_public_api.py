@@ -131,8 +131,10 @@ def test_get_peft_model_state_dict_gives_hf_peft_s_keys_and_the_saved_tensors(tm
     model.save_pretrained(tmp_path)
     saved = peftkit.load_peft_weights(tmp_path)
     assert set(saved) == set(ours) and all(torch.equal(saved[k], ours[k]) for k in ours)
-    with pytest.raises(ValueError, match="save_embedding_layers=True"):
-        peftkit.get_peft_model_state_dict(model, save_embedding_layers=True)
+    full = peftkit.get_peft_model_state_dict(model, save_embedding_layers=True)  # HF's keys for the matrices
+    assert set(full) - set(ours) == {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"}
+    assert set(full) - set(ours) == set(peft.get_peft_model_state_dict(hf_model, save_embedding_layers=True)) - set(
+        ours)
 
 
 def test_set_peft_model_state_dict_loads_into_a_fresh_adapter_and_refuses_what_does_not_fit() -> None:
@@ -335,4 +337,4 @@ def test_orthogonal_init_starts_from_a_zero_update_with_both_factors_non_zero() 
     with pytest.raises(PeftConfigError, match="even rank"):
         LoraConfig(r=3, init_lora_weights="orthogonal")
     with pytest.raises(PeftConfigError, match="changes the base weights"):
-        LoraConfig(init_lora_weights="pissa")
+        LoraConfig(init_lora_weights="lora_ga")  # PiSSA & co.: tests/methods/test_lora_init.py

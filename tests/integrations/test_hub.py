@@ -222,7 +222,7 @@ def test_online_hub_errors_become_one_peftkit_error(monkeypatch, error, words) -
      TypeError, ["push_to_hub", "'max_shard_size'", "never sharded"]),
     (lambda d: PeftModel.from_pretrained(make_model("gpt2"), d).save_pretrained(d, safe_serialization=False),
      ValueError, ["safetensors only"]),
-    (lambda d: PeftModel.from_pretrained(make_model("gpt2"), d).save_pretrained(d, save_embedding_layers=True),
+    (lambda d: PeftModel.from_pretrained(make_model("gpt2"), d).save_pretrained(d, save_embedding_layers="yes"),
      ValueError, ["save_embedding_layers"]),
     (lambda d: PeftModel.from_pretrained(make_model("gpt2"), d).save_pretrained(d, convert_pissa_to_lora="x"),
      TypeError, ["'convert_pissa_to_lora'"]),

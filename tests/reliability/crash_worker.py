@@ -223,6 +223,14 @@ def concurrent(workdir: str, rounds: int) -> dict:
     reference = adapter_model()
     expected = {v: version_tensors(reference, v) for v in (1, 2)}
     running = set(writers)
+    # Reads start once the first save is complete (its config, renamed last, exists; it is only ever replaced): before
+    # that the directory is rightly empty, and on a loaded machine or under coverage the writers take seconds to build
+    # their models, so a read there would report a missing checkpoint that no save promised yet.
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(path, "adapter_config.json")) and time.monotonic() < deadline:
+        if any(os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) for pid in writers):
+            break  # a writer ended (or failed) without a save: the reads below report it (WNOWAIT: not reaped yet)
+        time.sleep(0.002)
     while running:
         running = {pid for pid in running if os.waitpid(pid, os.WNOHANG) == (0, 0)}
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def test_benchmark_runs_at_toy_size(bench, tmp_path) -> None:
     assert set(results["generation"]["checks"].values()) == {0}  # greedy: every variant generates the same text
     assert results["registered"]["stats_many"]["adapters"] == bench.TOY.registered
     assert results["loading"]["stats_files"]["loads_cold"] > 2  # the file path really read files
+    cost = results["cost_vs_k"]
+    assert set(cost["ratio_samples"]) == {f"{lib} K={k}" for lib in ("pool", "peftkit") for k in bench.TOY.ks}
+    assert all(len(v) == args.repeats and min(v) > 0 for v in cost["ratio_samples"].values())  # paired with base
+    # at toy size a ratio of extra times can be negative (the pool within noise of the base): finite is the check
+    assert results["ratios"] and all(math.isfinite(row["value"]) for row in results["ratios"].values())
     table = bench.markdown(results, bench.TOY)
     assert "| ratio |" in table and "tokens/s" in table
     pytest.importorskip("matplotlib")

@@ -231,6 +231,11 @@ def _other_width(dirs: SimpleNamespace) -> Path:
     return directory
 
 
+def _dora(dirs: SimpleNamespace) -> Path:
+    """A DoRA adapter: its magnitude vector rescales whole output rows, which no slot pair can hold."""
+    return _save(dirs.root / "dora", "gpt2", 9, LoraConfig(r=4, target_modules=["c_attn"], use_dora=True))
+
+
 @pytest.mark.parametrize("case, error, match", [
     ("other_width", CheckpointError, "need"),  # same module names, other shapes
     ("llama", CheckpointError, "no such module"),  # another architecture
@@ -239,9 +244,10 @@ def _other_width(dirs: SimpleNamespace) -> Path:
     ("corrupt", CheckpointError, "lora_B"),
     ("truncated", CheckpointError, r"have no weights: transformer\.h\.1\.mlp\.c_fc"),
     ("missing", PeftConfigError, "adapter_config.json"),
+    ("dora", PeftConfigError, "use_dora=True: DoRA"),
 ])
 def test_bad_adapter_raises_and_leaves_the_pool_unchanged(dirs, case, error, match) -> None:
-    source = {"other_width": _other_width, "corrupt": _corrupt, "truncated": _truncated}.get(case)
+    source = {"other_width": _other_width, "corrupt": _corrupt, "truncated": _truncated, "dora": _dora}.get(case)
     path = source(dirs) if source else getattr(dirs, case, dirs.root / "does-not-exist")
     pool = _pool(dirs, names="ab", max_loras=2)
     ids, mask = _batch(2)
