@@ -229,7 +229,7 @@ def test_from_pretrained_lists_valid_fields_when_config_has_unknown_field(saved_
                                    "'r'")
 
 
-@pytest.mark.parametrize("field_value", [{"use_dora": True}, {"lora_bias": True}, {"layer_replication": [[0, 1]]}])
+@pytest.mark.parametrize("field_value", [{"use_qalora": True}, {"lora_bias": True}, {"layer_replication": [[0, 1]]}])
 def test_from_pretrained_refuses_hf_feature_when_switched_on(saved_adapter, field_value: dict) -> None:
     directory = saved_adapter()
     rewrite_config(directory, **field_value)

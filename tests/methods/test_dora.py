@@ -481,3 +481,21 @@ def test_4bit_base_matches_hf_and_merges_exactly_when_dequantized(tmp_path) -> N
     ours.eval()
     unmerged = _out(ours, inputs)
     assert torch.equal(_out(ours, inputs), unmerged)  # the cached norm (no dequantisation) gives the same outputs
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_8bit_base_matches_hf(tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    ours_base, hf_base = (peftkit.quantize_model(make_model("llama"), quant_type="int8") for _ in range(2))
+    kw = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": ["q_proj", "v_proj"]}
+    hf = peft.get_peft_model(hf_base, peft.LoraConfig(use_dora=True, **kw))
+    _perturb(hf)
+    hf.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(ours_base, tmp_path, is_trainable=True)
+    assert type(ours.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "LoraLinear8bitLt"
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        want, got = hf.train()(**inputs).logits, ours.train()(**inputs).logits
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    ours(**inputs).loss.backward()
+    assert all(p.grad is not None for n, p in ours.named_parameters() if "lora_magnitude_vector" in n)
