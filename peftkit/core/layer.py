@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from peftkit.core.errors import NotMergeableError
+from peftkit.core.errors import NotMergeableError, PeftConfigError
 
 __all__ = ["AdapterLayer", "AdapterModule", "AdapterModuleGroup", "ModulesToSaveWrapper", "base_layer_of",
            "BASE_ADAPTER_NAME"]
@@ -366,6 +366,16 @@ class AdapterModuleGroup(AdapterModule):
     def __init__(self, modules: dict[str, AdapterModule]) -> None:
         super().__init__()
         self.members = nn.ModuleDict(modules)
+        owners: dict[str, str] = {}
+        with torch.no_grad():  # refused before anything is attached, not at the first save
+            for name, module in modules.items():
+                for key in module.checkpoint_tensors():
+                    if key in owners:
+                        raise PeftConfigError(
+                            f"Members {owners[key]} and {name} of one adapter both save the checkpoint key {key!r}, "
+                            "so its checkpoint could hold only one of them. Add them as two adapters instead."
+                        )
+                    owners[key] = name
 
     def member(self, method_name: str) -> AdapterModule:
         return self.members[method_name]
@@ -387,12 +397,8 @@ class AdapterModuleGroup(AdapterModule):
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for name, module in self.members.items():
-            tensors = module.checkpoint_tensors()
-            clash = sorted(set(tensors) & set(out))
-            if clash:
-                raise ValueError(f"Members of one adapter save the same checkpoint key(s) {clash} ({name}).")
-            out.update(tensors)
+        for module in self.members.values():  # keys are disjoint (checked in __init__)
+            out.update(module.checkpoint_tensors())
         return out
 
     def materialize(self) -> None:

@@ -411,3 +411,18 @@ def test_bad_configs_raise(make, match: str) -> None:
 def test_gated_lora_on_an_embedding_is_refused() -> None:
     with pytest.raises(TargetModuleError, match="Gated LoRA"):
         _peft("gpt2", LoraConfig(target_modules=["wte"], gate="mean"))
+
+
+def test_members_saving_the_same_checkpoint_key_are_refused_up_front() -> None:
+    # Prompt tuning and prefix tuning both save HF's "prompt_embeddings": one checkpoint could not hold both.
+    from peftkit import PromptTuningConfig
+
+    model = make_model("gpt2")
+    inputs = make_inputs("gpt2")
+    before = model_logits(model, inputs)
+    config = CompositeConfig(members=[PromptTuningConfig(num_virtual_tokens=2),
+                                      PrefixTuningConfig(num_virtual_tokens=2)])
+    with pytest.raises(PeftConfigError, match="both save the checkpoint key 'prompt_embeddings'.*two adapters"):
+        get_peft_model(model, config)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    torch.testing.assert_close(model_logits(model, inputs), before, atol=0, rtol=0)
