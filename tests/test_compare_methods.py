@@ -22,8 +22,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks
 compare = importlib.import_module("compare_methods")
 
 # Types that are not a method to train from scratch on a task: fusion combines adapters trained before, and the
-# plain composite is the container MAM and UniPELT are built from.
-NOT_STANDALONE = {"ADAPTER_FUSION", "COMPOSITE"}
+# plain composite is the container MAM and UniPELT are built from; trainable tokens trains the embedding rows of
+# tokens added to a vocabulary, beside an adapter, and a classification task adds none.
+NOT_STANDALONE = {"ADAPTER_FUSION", "COMPOSITE", "TRAINABLE_TOKENS"}
 
 
 def tiny_bert() -> BertForSequenceClassification:

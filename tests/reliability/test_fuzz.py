@@ -64,6 +64,7 @@ VALID: dict[str, tuple[str, dict[str, Any]]] = {
     "COMPOSITE": ("gpt2", {"members": [{"peft_type": "LORA", "r": 2, "target_modules": ["c_attn"]},
                                        {"peft_type": "IA3"}]}),
     "ADAPTER_FUSION": ("gpt2", {"adapters": ["a", "b"]}),  # over serial adapters "a" and "b" (see _apply)
+    "TRAINABLE_TOKENS": ("gpt2", {"token_indices": [0, 3]}),
 }
 UNKNOWN_FIELDS = ["lora_alhpa", "future_option"]
 # Words the config fields take, and near misses; "[" and "(" are broken regular expressions.
