@@ -228,8 +228,8 @@ class DoraVariant:
         if layer.training and not isinstance(dropout, nn.Identity):
             # The dropped-out input also goes through W: (f − 1) ⊙ W x_d needs its own product.
             x = dropout(x.to(lora_a.weight.dtype))
-            lora = lora_b(lora_a(x)) * scale
-            return (result + (f - 1) * self._base_product(layer, x) + f * lora).to(result.dtype)
+            lora = (lora_b(lora_a(x)) * scale).reshape(result.shape)  # LoraLinear passes result as (tokens, out)
+            return (result + (f - 1) * self._base_product(layer, x).reshape(result.shape) + f * lora).to(result.dtype)
         bias = getattr(layer.get_base_layer(), "bias", None)
         if self.kind == "conv":
             t = result + lora_b(lora_a(x.to(lora_a.weight.dtype))) * scale

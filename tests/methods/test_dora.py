@@ -189,12 +189,13 @@ def test_linear_forward_equals_hand_written_formula(bias) -> None:
     torch.testing.assert_close(model.eval()(x), want, atol=1e-6, rtol=1e-6)
 
 
-def test_linear_dropout_in_training_follows_hf_formula() -> None:
+@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 6)])  # (batch, seq, in): the layer flattens its output rows
+def test_linear_dropout_in_training_follows_hf_formula(shape: tuple[int, ...]) -> None:
     model, layer = _wrapped(nn.Linear(6, 5), lora_dropout=0.5)
     w, bias = layer.base_layer.weight, layer.base_layer.bias
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     m, s = layer.lora_magnitude_vector["default"], layer.scaling["default"]
-    x = torch.randn(4, 6)
+    x = torch.randn(*shape)
     torch.manual_seed(3)
     got = model.train()(x)
     torch.manual_seed(3)

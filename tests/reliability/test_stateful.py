@@ -47,6 +47,7 @@ from peftkit import (
     PromptTuningConfig,
     PTuningV2Config,
     TargetModuleError,
+    TrainableTokensConfig,
     UniPELTConfig,
     get_peft_model,
 )
@@ -80,7 +81,7 @@ def adapter_configs(draw: st.DrawFn, kind: str, serial: list[str]) -> PeftConfig
     """A valid config of a random method for ``kind``, with inits that make every adapter change the outputs.
     ``serial`` are serial adapters present, which an AdapterFusion may fuse."""
     task = TASKS[kind]
-    methods = ["lora", "adalora", "ia3", "bitfit", "serial", "parallel", "prefix", "prompt"]
+    methods = ["lora", "adalora", "ia3", "bitfit", "serial", "parallel", "prefix", "prompt", "tokens"]
     if kind in ("gpt2", "llama"):
         methods.append("prompt-encoder")
     if kind == "bert":
@@ -94,7 +95,11 @@ def adapter_configs(draw: st.DrawFn, kind: str, serial: list[str]) -> PeftConfig
     if method == "lora":
         return LoraConfig(r=draw(small), lora_alpha=draw(st.sampled_from([1, 4, 16])), use_rslora=draw(st.booleans()),
                           target_modules=draw(_targets(kind)), init_lora_weights=False,
-                          lora_dropout=draw(st.sampled_from([0.0, 0.1])), task_type=task)
+                          lora_dropout=draw(st.sampled_from([0.0, 0.1])), use_dora=draw(st.booleans()),
+                          task_type=task)
+    if method == "tokens":  # rows of ids the inputs use, so that the random rows change the outputs
+        return TrainableTokensConfig(token_indices=draw(st.lists(st.integers(0, 20), min_size=1, max_size=4,
+                                                                 unique=True)), init_weights=False, task_type=task)
     if method == "adalora":
         init_r = draw(st.integers(2, 4))
         return AdaLoraConfig(init_r=init_r, target_r=draw(st.integers(1, init_r)), total_step=20, lora_alpha=2,
