@@ -86,3 +86,14 @@ def test_prefix_rows_beside_prompt_rows_equal_their_single_runs(kind: str, prefi
         model.set_adapter(name)
         want = model_logits(model, inputs)[row]
         torch.testing.assert_close(got[row, :want.shape[0]] if want.dim() == 2 else got[row], want)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])  # GPT-2's Conv1D and nn.Linear
+def test_dora_with_dropout_trains_on_batches_of_sequences(kind: str) -> None:
+    targets = {"gpt2": ["c_attn"], "llama": ["q_proj"]}[kind]
+    model = get_peft_model(make_model(kind), LoraConfig(r=1, target_modules=targets, lora_dropout=0.1, use_dora=True,
+                                                        init_lora_weights=False, task_type=TASKS[kind]))
+    loss = model.train()(**make_inputs(kind)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
