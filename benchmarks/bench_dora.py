@@ -143,19 +143,8 @@ def summarize(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, help="timed samples per variant (default 10; quick 3)")
-    ap.add_argument("--warmup", type=int, help="untimed runs per variant first (default 2; quick 1)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default 2; quick 1)")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke config, < 60 s")
-    ap.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2-135M workload")
-    ap.add_argument("--max-foreign", type=float, help="load gate, share of CPU (default 0.05; quick: off)")
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_dora.json"))
-    args = ap.parse_args()
-    for name, full, quick in (("repeats", 10, 3), ("warmup", 2, 1), ("threads", 2, 1), ("max_foreign", 0.05, 1.0)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    torch.set_num_threads(args.threads)
+    ap = bl.timing_parser("bench_dora.json", "samples per variant")
+    args = bl.parse_timing_args(ap)
     t0, meter = time.perf_counter(), bl.LoadMeter()
     libs, err = bl.load_libs()
     if err:

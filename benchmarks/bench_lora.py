@@ -378,24 +378,37 @@ def cpu_seconds() -> tuple[float, float]:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, help="timed samples per variant (default 10; quick 3)")
-    ap.add_argument("--warmup", type=int, help="untimed runs per variant first (default 2; quick 1)")
+def timing_parser(out_name: str, unit: str = "samples per variant") -> argparse.ArgumentParser:
+    """The options every timing benchmark shares: repeats, warm-up, threads, quick mode, the load gate, --out."""
+    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, help=f"timed {unit} (default 10; quick 3)")
+    ap.add_argument("--warmup", type=int, help="untimed runs first (default 2; quick 1)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default 2; quick 1)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke config, < 60 s")
     ap.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2-135M workload")
     ap.add_argument("--max-foreign", type=float, help="load gate, share of CPU (default 0.05; quick: off)")
-    ap.add_argument("--mem-steps", type=int, help="training steps per memory subprocess (default 3; quick 2)")
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_lora.json"))
-    ap.add_argument("--mem-child", help=argparse.SUPPRESS)
-    ap.add_argument("--mem-workload", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / out_name))
+    return ap
+
+
+def parse_timing_args(ap: argparse.ArgumentParser, *extra: tuple[str, int, int]) -> argparse.Namespace:
+    """Parse, fill the unset shared options (and ``extra`` (name, full, quick) triples) for full or quick runs,
+    and set torch's thread count."""
     args = ap.parse_args()
-    for name, full, quick in (("repeats", 10, 3), ("warmup", 2, 1), ("mem_steps", 3, 2), ("threads", 2, 1),
-                             ("max_foreign", 0.05, 1.0)):
+    for name, full, quick in (("repeats", 10, 3), ("warmup", 2, 1), ("threads", 2, 1), ("max_foreign", 0.05, 1.0),
+                             *extra):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    ap = timing_parser("bench_lora.json")
+    ap.add_argument("--mem-steps", type=int, help="training steps per memory subprocess (default 3; quick 2)")
+    ap.add_argument("--mem-child", help=argparse.SUPPRESS)
+    ap.add_argument("--mem-workload", help=argparse.SUPPRESS)
+    args = parse_timing_args(ap, ("mem_steps", 3, 2))
     if args.mem_child:
         return mem_child(args)
 

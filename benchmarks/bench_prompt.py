@@ -64,7 +64,17 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_lora import LoadMeter, bootstrap_ci, build_base, interleaved, load_libs, maxdiff, timed  # noqa: E402
+from bench_lora import (  # noqa: E402
+    LoadMeter,
+    bootstrap_ci,
+    build_base,
+    interleaved,
+    load_libs,
+    maxdiff,
+    parse_timing_args,
+    timed,
+    timing_parser,
+)
 
 N_VIRTUAL = 20
 METHODS = {"prompt": "PromptTuningConfig", "prefix": "PrefixTuningConfig"}
@@ -344,20 +354,9 @@ def describe_checks(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, help="timed rounds per group (default 10; quick 3)")
-    ap.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default 2; quick 1)")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke config, < 1 min")
-    ap.add_argument("--no-smollm", action="store_true", help="skip the SmolLM2-135M workload")
+    ap = timing_parser("bench_prompt.json", "rounds per group")
     ap.add_argument("--no-gpt2", action="store_true", help="skip the GPT-2-shaped workload")
-    ap.add_argument("--max-foreign", type=float, help="load gate, share of CPU (default 0.05; quick: off)")
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_prompt.json"))
-    args = ap.parse_args()
-    for name, full, quick in (("repeats", 10, 3), ("warmup", 2, 1), ("threads", 2, 1), ("max_foreign", 0.05, 1.0)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    torch.set_num_threads(args.threads)
+    args = parse_timing_args(ap)
     from transformers import logging as hf_logging
 
     hf_logging.set_verbosity_error()
