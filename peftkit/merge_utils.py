@@ -132,8 +132,7 @@ def ties(
     """TIES: trim each ``τ_t`` by magnitude, elect signs on the trimmed (unweighted) tensors, then the disjoint
     mean of ``w_t τ_t`` over the entries that agree with the elected sign."""
     trimmed = torch.stack([prune(t, density, method="magnitude") for t in task_tensors], dim=0)
-    mask = calculate_majority_sign_mask(trimmed, method=majority_sign_method)
-    return disjoint_merge(trimmed * reshape_weight_task_tensors(trimmed, weights), mask)
+    return _sign_elected_mean(trimmed, weights, majority_sign_method)
 
 
 def dare_linear(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
@@ -149,5 +148,10 @@ def dare_ties(
 ) -> torch.Tensor:
     """DARE + TIES: random drop with rescaling, then sign election and the disjoint mean, as in :func:`ties`."""
     dropped = torch.stack([prune(t, density, method="random", rescale=True) for t in task_tensors], dim=0)
-    mask = calculate_majority_sign_mask(dropped, method=majority_sign_method)
-    return disjoint_merge(dropped * reshape_weight_task_tensors(dropped, weights), mask)
+    return _sign_elected_mean(dropped, weights, majority_sign_method)
+
+
+def _sign_elected_mean(pruned: torch.Tensor, weights: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
+    """Signs elected on the pruned (unweighted) stack, then the disjoint mean of the weighted entries that agree."""
+    mask = calculate_majority_sign_mask(pruned, method=majority_sign_method)
+    return disjoint_merge(pruned * reshape_weight_task_tensors(pruned, weights), mask)
