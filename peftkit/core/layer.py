@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -313,12 +314,32 @@ class ModulesToSaveWrapper(AdapterLayer):
         names = [n for n in (adapter_names or self.active_adapters) if n in self.modules_to_save]
         return self.modules_to_save[names[0]] if names else self.base_layer
 
+    def module_in_use(self) -> nn.Module:
+        """The module ``forward`` runs: the active adapter's copy, or the original while adapters are off."""
+        return self.base_layer if self._skip_adapters() else self.modules_to_save[self.active_adapters[0]]
+
+    # Code that reads the wrapped module's attributes directly, as TRL's fused LM head reads ``lm_head.weight``,
+    # gets those of the module in use, so it computes (and trains) what forward would (HF peft's behaviour).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module_in_use().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module_in_use(), "bias", None)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or "modules_to_save" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self.module_in_use(), name)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.batch_adapter_names is not None:
             return self._mixed_batch_forward(x, *args, **kwargs)
-        if self._skip_adapters():
-            return self.base_layer(x, *args, **kwargs)
-        return self.modules_to_save[self.active_adapters[0]](x, *args, **kwargs)
+        return self.module_in_use()(x, *args, **kwargs)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         outputs: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -393,6 +394,12 @@ class PeftModel(AdapterCheckpoints, AdapterControls, nn.Module):
         ``inference_mode=True`` not even those (HF peft's argument)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_known(names)
+        leaving = sorted({n for _, layer in self._layers() for n in layer.merged_adapters} - set(names))
+        if leaving:  # left merged, they would keep changing the outputs of a model that says they are inactive
+            warnings.warn(f"Adapter(s) {leaving} are merged and not in the new active set {names}: unmerging the "
+                          "model first, as HF peft does. Call merge_adapter() again to merge the new set.",
+                          stacklevel=2)
+            self.unmerge_adapter()
         for _, layer in self._layers():
             layer.set_adapter(names)
         self._active = names
@@ -404,6 +411,10 @@ class PeftModel(AdapterCheckpoints, AdapterControls, nn.Module):
         """Remove one adapter. Base parameters it trained (layer norms, biases) get their original
         values back, as ``unload()`` gives them, unless another adapter still trains them (they are shared)."""
         self._check_known([adapter_name])
+        merged = [name for name, layer in self._layers() if adapter_name in layer.merged_adapters]
+        if merged:  # checked before anything is removed: a refusal changes nothing
+            raise RuntimeError(f"Adapter {adapter_name!r} is merged into {len(merged)} layer(s) (e.g. {merged[0]}); "
+                               "call unmerge_adapter() before deleting it. Nothing was changed.")
         released = {id(t) for t in self._released_base_parameters(adapter_name).values()}
         model = self.base_model.model
         snapshot = {name: (_parameter(model, name), original) for name, original in self._base_snapshot.items()}

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
+import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("peftkit.integrations.trl needs TRL: pip install peftkit[trl] (or pip install trl).") from exc
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import (
+    AutoProcessor,
     BitsAndBytesConfig,
     DataCollator,
     PreTrainedTokenizerBase,
@@ -49,7 +53,7 @@ from transformers.trainer_utils import EvalPrediction
 from trl.trainer import utils as trl_utils
 
 from peftkit.core.config import PeftConfig
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
 from peftkit.core.model import PeftModel
 from peftkit.core.task_models import get_peft_model
 from peftkit.integrations.trainer import PeftTrainerMixin
@@ -57,17 +61,20 @@ from peftkit.integrations.training import unwrap_model
 
 __all__ = ["DPOTrainer", "SFTTrainer"]
 
+logger = logging.getLogger(__name__)
+
 EvalDatasets = Dataset | IterableDataset | DatasetDict | IterableDatasetDict | dict[str, Dataset | IterableDataset]
 Optimizers = tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]
 
 
 def _prepare_model(
-    model: str | nn.Module, args: TrainingArguments | None, peft_config: object, quantization_config: object
-) -> tuple[str | nn.Module, TrainingArguments | None, object, object]:
+    model: str | nn.Module, args: TrainingArguments | None, peft_config: object, quantization_config: object,
+    processing_class: object = None,
+) -> tuple[str | nn.Module, TrainingArguments | None, object, object, object]:
     """Wrap ``model`` with a peftkit config before TRL sees it. Returns what to pass on to TRL:
-    (model, args, peft_config, quantization_config)."""
+    (model, args, peft_config, quantization_config, processing_class)."""
     if not isinstance(peft_config, PeftConfig):
-        return model, args, peft_config, quantization_config  # None, or HF peft's config: TRL's own path
+        return model, args, peft_config, quantization_config, processing_class  # None or HF peft's: TRL's path
     if isinstance(unwrap_model(model), PeftModel) or getattr(model, "peft_config", None) is not None:
         raise ValueError("The model is a PeftModel already and a peft_config was passed too; pass one of them (to "
                          "train a second adapter, model.add_adapter(name, config) and model.set_adapter(name) first).")
@@ -86,6 +93,8 @@ def _prepare_model(
             args = copy.copy(args)  # used above: keep TRL from warning that they were ignored
             args.model_init_kwargs = None
         quantization_config = None
+    if _clones_chat_template(args):
+        model, args, peft_config, processing_class = _clone_chat_template(model, args, peft_config, processing_class)
     # TRL seeds before wrapping so that the adapter's random initialisation is reproducible; 42 is its default.
     set_seed(args.seed if args is not None else 42)
     peft_model = get_peft_model(model, peft_config)
@@ -94,14 +103,56 @@ def _prepare_model(
     except ValueError:
         peft_model.unload()  # errors change nothing: the user's model comes back as it was
         raise
-    return peft_model, args, None, quantization_config
+    return peft_model, args, None, quantization_config, processing_class
+
+
+def _clones_chat_template(args: TrainingArguments | None) -> bool:
+    """``chat_template_path`` names a tokenizer (not a .jinja file) whose template, and tokens, TRL copies."""
+    path = getattr(args, "chat_template_path", None)
+    return path is not None and not (os.path.isfile(path) and path.endswith((".jinja", ".j2")))
+
+
+def _clone_chat_template(
+    model: nn.Module, args: TrainingArguments, peft_config: PeftConfig, processing_class: object
+) -> tuple[nn.Module, TrainingArguments, PeftConfig, object]:
+    """What ``trl.SFTTrainer`` does for ``chat_template_path`` when it makes the PEFT model itself, done before
+    peftkit wraps the model: copy the template, add its tokens (resizing the embeddings) and make their embedding
+    rows trainable (``trainable_token_indices["embed_tokens"]``) with ``lm_head`` in ``modules_to_save``, so that the
+    model can learn to read and emit them. The caller's config is not modified."""
+    if processing_class is None:  # TRL's default, from the model's config
+        processing_class = AutoProcessor.from_pretrained(trl_utils.get_config_model_id(model.config),
+                                                         trust_remote_code=args.trust_remote_code)
+    source = args.chat_template_path
+    model, processing_class, added_tokens = trl.clone_chat_template(model, processing_class, source)
+    args = copy.copy(args)
+    args.chat_template_path = None  # done: TRL must not clone again into the wrapped model
+    if not added_tokens:
+        return model, args, peft_config, processing_class
+    if not hasattr(peft_config, "trainable_token_indices"):
+        raise ValueError(f"The chat template of {source!r} adds tokens {added_tokens}, whose "
+                         f"embedding rows must train, and {type(peft_config).__name__} cannot train embedding rows. "
+                         "Use a LoraConfig, or a .jinja chat template that adds no tokens.")
+    indices = copy.deepcopy(peft_config.trainable_token_indices)
+    if indices is None or isinstance(indices, dict):
+        indices = dict(indices or {})
+        indices["embed_tokens"] = [*indices.get("embed_tokens", []), *added_tokens]
+    else:  # a list means the input embedding, which embed_tokens is
+        indices = [*indices, *added_tokens]
+    modules_to_save = list(peft_config.modules_to_save or [])
+    if "lm_head" not in modules_to_save:
+        logger.warning("The chat template added tokens %s; 'lm_head' goes into modules_to_save (as TRL does) so that "
+                       "the model can learn to generate them.", added_tokens)
+        modules_to_save.append("lm_head")
+    peft_config = dataclasses.replace(peft_config, trainable_token_indices=indices, modules_to_save=modules_to_save)
+    return model, args, peft_config, processing_class
 
 
 def _refuse_adapter_on_lm_head(model: nn.Module) -> None:
     peft_model = unwrap_model(model)
     if isinstance(peft_model, PeftModel):
         head = peft_model.get_base_model().get_output_embeddings()
-        if isinstance(head, AdapterLayer):
+        # A trained copy (modules_to_save) is fine: the fused head reads the copy's weight through the wrapper.
+        if isinstance(head, AdapterLayer) and not isinstance(head, ModulesToSaveWrapper):
             raise ValueError("An adapter on lm_head is not supported by TRL: its fused LM head reads lm_head.weight "
                              "directly, so the adapter would never train. Remove 'lm_head' from target_modules.")
 
@@ -152,7 +203,8 @@ class SFTTrainer(PeftTrainerMixin, trl.SFTTrainer):
         formatting_func: Callable[[dict], str] | None = None,
     ) -> None:
         _refuse_adapter_on_lm_head(model)
-        model, args, peft_config, quantization_config = _prepare_model(model, args, peft_config, quantization_config)
+        model, args, peft_config, quantization_config, processing_class = _prepare_model(
+            model, args, peft_config, quantization_config, processing_class)
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, compute_loss_func=compute_loss_func,
@@ -267,7 +319,8 @@ class DPOTrainer(PeftTrainerMixin, trl.DPOTrainer):
         if policy_is_reference:
             _refuse_policy_as_reference(args)
         _refuse_adapter_on_lm_head(model)
-        model, args, peft_config, quantization_config = _prepare_model(model, args, peft_config, quantization_config)
+        model, args, peft_config, quantization_config, processing_class = _prepare_model(
+            model, args, peft_config, quantization_config, processing_class)
         if policy_is_reference:
             ref_model = _reference_for(model, wrapped_here)
         super().__init__(

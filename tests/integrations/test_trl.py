@@ -195,3 +195,47 @@ def test_sft_works_without_hf_peft_installed(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path), tests], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_sft_with_a_cloned_chat_template_trains_the_new_tokens_rows_and_reloads(tmp_path) -> None:
+    # TRL's chat_template_path: the template's special tokens are added to the vocabulary (embeddings resized) and
+    # TRL sets trainable_token_indices={"embed_tokens": new ids} and modules_to_save=["lm_head"] on the config.
+    source = _tokenizer()
+    source.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    source.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
+                            "{% endfor %}")
+    source.save_pretrained(tmp_path / "template")
+    chats = Dataset.from_dict({"messages": [[{"role": "user", "content": "w1 w2"},
+                                             {"role": "assistant", "content": "w3 w4"}]] * 4})
+    args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=5, learning_rate=1e-2, bf16=False,
+                         gradient_checkpointing=False, chat_template_path=str(tmp_path / "template"), **COMMON)
+    trainer = SFTTrainer(model=make_model("llama", seed=0), args=args, train_dataset=chats,
+                         processing_class=_tokenizer(), peft_config=LoraConfig(**LORA))
+    model = trainer.model
+    new_ids = trainer.processing_class.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    config = model.peft_config["default"]
+    added = config.trainable_token_indices["embed_tokens"]  # the template's tokens (and TRL's padding tokens)
+    assert set(new_ids) <= set(added) and min(added) >= VOCAB
+    assert config.modules_to_save == ["lm_head"]
+    embedding = model.get_base_model().get_input_embeddings()  # the trainable-tokens layer on the resized matrix
+    matrix = embedding.get_base_layer().weight.detach().clone()
+    head = model.get_base_model().get_output_embeddings()  # modules_to_save: TRL's fused head reads the copy
+    head_before = head.weight.detach().clone()
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0], losses
+    delta = next(v for k, v in model.get_adapter_state_dict("default").items() if "trainable_tokens_delta" in k)
+    assert delta.shape[0] == len(added)
+    rows = embedding(torch.arange(matrix.shape[0])).detach()  # only the new tokens' rows moved
+    moved = (rows != matrix).any(dim=1).nonzero().flatten().tolist()
+    assert moved and set(moved) <= set(added) and set(new_ids) <= set(moved), moved
+    assert torch.equal(embedding.get_base_layer().weight, matrix)
+    assert not torch.equal(head.weight, head_before) and torch.equal(head.base_layer.weight, head_before)
+
+    trainer.save_model(str(tmp_path / "final"))
+    base = make_model("llama", seed=0)
+    base.resize_token_embeddings(matrix.shape[0])
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "final")  # the resized rows come from the checkpoint
+    ids = torch.tensor([[new_ids[0], 5, 6, new_ids[1], 7]])
+    torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                               atol=1e-5, rtol=0)

@@ -97,3 +97,37 @@ def test_dora_with_dropout_trains_on_batches_of_sequences(kind: str) -> None:
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
+
+
+def test_deleting_a_merged_adapter_with_a_task_head_is_refused_and_changes_nothing() -> None:
+    # The head's trained copy (modules_to_save) used to be removed before the merged layer refused.
+    model = get_peft_model(make_model("bert"), IA3Config(target_modules=["query"], init_ia3_weights=False,
+                                                          task_type="SEQ_CLS")).eval()
+    model.merge_adapter()
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match="'default' is merged into .* Nothing was changed"):
+        model.delete_adapter("default")
+    assert_same_state(before, model_state(model), "refused delete_adapter")
+    model.unmerge_adapter()
+    model.delete_adapter("default")
+    assert not model.peft_config
+
+
+def test_set_adapter_unmerges_merged_adapters_that_leave_the_active_set() -> None:
+    # A merged (IA)³ adapter used to stay in the weights after set_adapter to another one (logits off by 2e-3).
+    config = IA3Config(target_modules=["attention.output.dense", "query"], init_ia3_weights=False,
+                       feedforward_modules=["attention.output.dense"], task_type="SEQ_CLS")
+    model = get_peft_model(make_model("bert"), config, "a").eval()
+    model.add_adapter("b", IA3Config(target_modules=["query"], init_ia3_weights=False, task_type="SEQ_CLS"))
+    inputs = make_inputs("bert")
+    model.set_adapter("b")
+    only_b = model_logits(model, inputs)
+    model.set_adapter("a")
+    model.merge_adapter()
+    model.set_adapter(["a", "b"])  # the merged adapter stays active: it stays merged
+    assert all(layer.merged_adapters == ["a"] for _, layer in model._layers() if "a" in layer.adapter_names
+               and layer.weight_effect != "opaque")
+    with pytest.warns(UserWarning, match=r"\['a'\] are merged and not in the new active set"):
+        model.set_adapter("b")
+    assert not any(layer.merged_adapters for _, layer in model._layers())
+    torch.testing.assert_close(model_logits(model, inputs), only_b, atol=1e-6, rtol=0)

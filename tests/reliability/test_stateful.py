@@ -293,6 +293,8 @@ class PeftModelMachine(RuleBasedStateMachine):
         ok, _ = self.attempt("set_adapter", lambda: self.model.set_adapter(names if len(names) > 1 else names[0]))
         if not ok:
             return
+        if set(self.merged) - set(names):
+            self.merged = []  # merged adapters leaving the active set are unmerged first (HF peft's rule)
         try:
             self.logits(self.model)
         except ValueError as exc:
