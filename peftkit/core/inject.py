@@ -97,6 +97,12 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -
         raise TargetModuleError(
             f"modules_to_save {missing} match no module of {type(model).__name__}; fix or remove them."
         )
+    containers = [n for n in matched if isinstance(get_module(model, n), (nn.ModuleList, nn.ModuleDict))]
+    if containers:  # the model iterates or indexes these, it never calls them: a wrapper would break its forward
+        raise TargetModuleError(
+            f"modules_to_save {containers} name a {type(get_module(model, containers[0])).__name__}, a container the "
+            "model does not call; name the modules inside it (e.g. its blocks) instead."
+        )
     for name in matched:
         module = get_module(model, name)
         if not isinstance(module, ModulesToSaveWrapper):

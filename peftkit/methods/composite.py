@@ -16,6 +16,7 @@ training, plus a parallel adapter beside every FFN, ``h ← h + s · W_up ReLU(W
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -110,6 +111,12 @@ class MAMConfig(CompositeConfig):
     scaling: float = 4.0
 
     def __post_init__(self) -> None:
+        for name in ("num_virtual_tokens", "prefix_hidden_size", "ffn_r"):  # named here, not as a member's field
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PeftConfigError(f"MAMConfig.{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+            raise PeftConfigError(f"MAMConfig.scaling must be a finite number, got {self.scaling!r}.")
         if not self.members:
             self.members = [
                 PrefixTuningConfig(num_virtual_tokens=self.num_virtual_tokens, prefix_projection=True,

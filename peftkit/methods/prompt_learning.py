@@ -66,8 +66,10 @@ class PromptLearningConfig(PeftConfig):
             raise PeftConfigError(
                 f"num_transformer_submodules must be 1, 2 or None, got {self.num_transformer_submodules!r}."
             )
-        for name in ("token_dim", "num_attention_heads", "num_layers"):  # they shape the prompt tensors
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+        # They shape the prompt tensors (encoder_hidden_size: the reparametrisation's width, where there is one).
+        for name in ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size"):
+            value = getattr(self, name, None)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise PeftConfigError(f"{type(self).__name__}.{name} must be a positive integer or None (read from "
                                       f"the model), got {getattr(self, name)!r}.")
 

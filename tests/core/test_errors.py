@@ -132,6 +132,14 @@ def test_get_peft_model_raises_when_modules_to_save_is_absent() -> None:
     assert_unchanged(model, before)
 
 
+def test_get_peft_model_refuses_a_module_container_in_modules_to_save() -> None:
+    model = base_model("gpt2")  # transformer.h is the ModuleList of blocks: GPT-2 iterates it, never calls it
+    before = snapshot(model)
+    with pytest.raises(TargetModuleError, match=r"\['transformer.h'\] name a ModuleList.*modules inside it"):
+        get_peft_model(model, LoraConfig(target_modules=["wte"], modules_to_save=["h"]))
+    assert_unchanged(model, before)
+
+
 # ---- from_pretrained / load_adapter: files ---------------------------------------------------------------------
 def test_from_pretrained_raises_when_directory_is_missing(tmp_path: Path) -> None:
     assert_from_pretrained_refused(tmp_path / "nowhere", PeftConfigError, "adapter_config.json", "save_pretrained")
