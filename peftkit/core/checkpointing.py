@@ -14,15 +14,16 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from peftkit.core import checkpoint as ckpt
-from peftkit.core.config import PeftConfig
+from peftkit.core.config import CONFIG_NAME, PeftConfig
 from peftkit.core.embeddings import embedding_layer_tensors, embedding_load_targets
-from peftkit.core.errors import CheckpointError, PeftConfigError
+from peftkit.core.errors import CheckpointError, PeftConfigError, TargetModuleError
 from peftkit.core.registry import method_for
 from peftkit.core.targets import logical_name
 from peftkit.integrations import hub
@@ -247,8 +248,11 @@ class AdapterCheckpoints:
         options = hub.hub_options("PeftModel.from_pretrained", kwargs)
         _refuse_loader_options(ephemeral_gpu_offload, low_cpu_mem_usage)
         source, saved, weights, mismatch = _read_adapter(model_id, options, key_mapping, need_config=config is None)
+        from_file = config is None
         config = dataclasses.replace(config or saved, inference_mode=not is_trainable)
-        peft_model = cls.class_for(config)(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        with _naming_the_config(source.label if from_file else None):
+            peft_model = cls.class_for(config)(model, config, adapter_name,
+                                               autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             peft_model._load_weights(adapter_name, weights, source.label, mismatch)
         except BaseException:
@@ -278,7 +282,8 @@ class AdapterCheckpoints:
         if adapter_name in self.peft_config:
             self._hotswap(adapter_name, source, saved, weights, mismatch)
             return
-        self.add_adapter(adapter_name, dataclasses.replace(saved, inference_mode=not is_trainable))
+        with _naming_the_config(source.label):
+            self.add_adapter(adapter_name, dataclasses.replace(saved, inference_mode=not is_trainable))
         try:
             if not autocast_adapter_dtype:
                 self._cast_adapter_to_base_dtype(adapter_name)
@@ -456,3 +461,15 @@ def _refuse_loader_options(ephemeral_gpu_offload: bool, low_cpu_mem_usage: bool)
             "set up weight-decomposed adapters on offloaded weights). Drop the argument."
         )
     _refuse_low_cpu_mem_usage(low_cpu_mem_usage)
+
+
+@contextlib.contextmanager
+def _naming_the_config(where: str | None) -> Iterator[None]:
+    """A saved config that does not fit the model (``target_modules``, ``modules_to_save`` naming modules it lacks)
+    raises with the file named, so the user knows the checkpoint, not their code, holds the bad value."""
+    try:
+        yield
+    except (PeftConfigError, TargetModuleError) as exc:
+        if where is None:
+            raise
+        raise type(exc)(f"{exc} (from {CONFIG_NAME} in {where})") from exc

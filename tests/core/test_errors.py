@@ -245,6 +245,19 @@ def test_from_pretrained_refuses_hf_feature_when_switched_on(saved_adapter, fiel
     assert_from_pretrained_refused(directory, PeftConfigError, name, "does not implement")
 
 
+@pytest.mark.parametrize("field_value", [{"target_modules": ["q_prj"]}, {"modules_to_save": ["lm_hed"]}])
+def test_saved_config_naming_missing_modules_is_refused_with_the_file_named(saved_adapter, field_value) -> None:
+    directory = saved_adapter()
+    rewrite_config(directory, **field_value)
+    assert_from_pretrained_refused(directory, TargetModuleError, *next(iter(field_value.values())), CONFIG,
+                                   str(directory))
+    peft_model = get_peft_model(base_model(), LoraConfig(target_modules=["v_proj"]))
+    before = snapshot(peft_model)
+    with pytest.raises(TargetModuleError, match=f"from {CONFIG} in"):
+        peft_model.load_adapter(directory, "other")
+    assert_unchanged(peft_model, before)
+
+
 def test_from_pretrained_accepts_hf_fields_when_switched_off(saved_adapter) -> None:
     directory = saved_adapter()
     rewrite_config(directory, use_dora=False, lora_bias=False, layer_replication=None, loftq_config={},
