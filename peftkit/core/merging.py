@@ -152,6 +152,29 @@ def check_merge_structure(model: nn.Module, names: list[str], unloading: bool = 
         )
 
 
+def _check_no_shared_parameter_written(peft_model: PeftModel, names: list[str]) -> None:
+    """Raise if merging ``names`` would write a base parameter that another adapter trains and saves as its own
+    (e.g. layer norms): that adapter's tensors, and its next checkpoint, would then hold the merged delta."""
+    model = peft_model.base_model.model
+    written = {id(param): f"{logical_name(path)}.{key}" for path, layer in adapter_layers(model)
+               if layer.pending_merges(names) for key, param in base_layer_of(layer).named_parameters(recurse=False)}
+    clashes: dict[str, list[str]] = {}
+    for other in (n for n in peft_model.peft_config if n not in names):
+        for method, leaf in peft_model._leaves(other):
+            for name in method.trainable_base_parameters(model, leaf):
+                where = written.get(id(model.get_parameter(name)))
+                if where is not None:
+                    clashes.setdefault(other, []).append(where)
+    if clashes:
+        other, wheres = next(iter(clashes.items()))
+        raise NotMergeableError(
+            f"Cannot merge adapter(s) {names}: the merge would write {_show(sorted(wheres))}, base parameter(s) that "
+            f"adapter(s) {sorted(clashes)} train and save as their own, so their tensors and checkpoints would "
+            f"then hold the merged update. Delete {other!r} first, merge_and_unload() (which drops the adapters it "
+            "does not merge), or keep them unmerged. Nothing was merged; every weight is unchanged."
+        )
+
+
 def _show(paths: list[str], limit: int = 4) -> str:
     return ", ".join(paths[:limit]) + (f" (and {len(paths) - limit} more)" if len(paths) > limit else "")
 
@@ -208,6 +231,7 @@ def merge_layers(peft_model: PeftModel, names: list[str], safe: bool = False) ->
     check_methods_mergeable(peft_model, names)
     model = peft_model.base_model.model
     check_merge_structure(model, names)
+    _check_no_shared_parameter_written(peft_model, names)
     if safe:  # every sum checked before the first write
         for _, layer in _merge_order(model):
             layer.check_merge(names)

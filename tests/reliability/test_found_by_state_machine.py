@@ -10,9 +10,11 @@ import torch
 from conftest import make_inputs, make_model, model_logits
 
 from peftkit import (
+    AdapterConfig,
     BitFitConfig,
     IA3Config,
     LoraConfig,
+    NotMergeableError,
     PeftConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -131,3 +133,20 @@ def test_set_adapter_unmerges_merged_adapters_that_leave_the_active_set() -> Non
         model.set_adapter("b")
     assert not any(layer.merged_adapters for _, layer in model._layers())
     torch.testing.assert_close(model_logits(model, inputs), only_b, atol=1e-6, rtol=0)
+
+
+def test_merge_writing_a_base_parameter_another_adapter_trains_is_refused() -> None:
+    # BitFit merged into the layer norms' biases, which a Pfeiffer adapter trains and saves as its own
+    # (train_layer_norms): that adapter's tensors and next checkpoint used to hold BitFit's update.
+    model = get_peft_model(make_model("gpt2"), BitFitConfig(init_bitfit_weights=False), "a").eval()
+    model.add_adapter("b", AdapterConfig(variant="pfeiffer", r=2, init_weights=False, train_layer_norms=True))
+    model.set_adapter("a")
+    before, saved_b = model_state(model), {k: v.clone() for k, v in model.get_adapter_state_dict("b").items()}
+    with pytest.raises(NotMergeableError, match=r"ln_1\.bias.*adapter\(s\) \['b'\] train and save as their own"):
+        model.merge_adapter()
+    assert_same_state(before, model_state(model), "refused merge_adapter")
+    assert all(torch.equal(v, saved_b[k]) for k, v in model.get_adapter_state_dict("b").items())
+    inputs = make_inputs("gpt2")
+    expected = model_logits(model, inputs)
+    merged = model.merge_and_unload()  # drops "b": nothing is left to hold the update
+    torch.testing.assert_close(model_logits(merged, inputs), expected, atol=1e-5, rtol=0)

@@ -69,6 +69,10 @@ NAMES = ["a", "b", "c", "d"]
 # route rows (NotImplementedError).
 REFUSALS = (ValueError, KeyError, RuntimeError, NotImplementedError)
 ATOL = 1e-4
+# A merged weight W + ΔW rounds at the scale of ΔW, and the random adapters drawn here (AdaLoRA's E ~ N(0, 1) among
+# them) make ΔW up to ~100× W: merged fp32 outputs then differ from the unmerged sum by up to ~2e-4 (found by the
+# nightly profile), as HF peft's merges do.
+MERGED_ATOL = 1e-3
 
 
 # ---- configs --------------------------------------------------------------------------------------------------
@@ -344,7 +348,11 @@ class PeftModelMachine(RuleBasedStateMachine):
         ok, _ = self.attempt("merge_adapter", lambda: self.model.merge_adapter(safe_merge=safe))
         layers = [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
         nested = any(isinstance(m.base_layer, AdapterLayer) for m in layers)  # core/merging.py's rules may refuse
-        assert ok or self.disabled or self.merged or nested or not self.mergeable(self.active), "refused plain merge"
+        model = self.model.base_model.model  # an inactive adapter training base parameters may block the merge
+        shared = any(method.trainable_base_parameters(model, leaf) for n in self.configs if n not in self.active
+                     for method, leaf in self.model._leaves(n))
+        assert ok or self.disabled or self.merged or nested or shared or not self.mergeable(self.active), \
+            "refused plain merge"
         if ok:
             self.merged += [n for n in self.active if n not in self.merged]
             self.ever_merged = self.ever_merged or bool(self.active)
@@ -373,10 +381,10 @@ class PeftModelMachine(RuleBasedStateMachine):
         assert set(self.original) <= set(keys), "merge_and_unload lost base parameters"
         extra = [k for k in keys if k not in self.original]
         assert all(k.endswith(".bias") and "base_layer" not in k for k in extra), f"adapter modules left: {extra}"
-        torch.testing.assert_close(self.logits(merged.eval()), expected, rtol=ATOL, atol=ATOL)
+        torch.testing.assert_close(self.logits(merged.eval()), expected, rtol=ATOL, atol=MERGED_ATOL)
         self.template = copy.deepcopy(merged)
         self.base = {k: v.detach().clone() for k, v in merged.state_dict().items()}
-        self.original = self.base
+        self.original = dict(self.base)  # a dict of its own: training steps write new base values into self.base
         tally("stateful steps", "merge_and_unload")
         self.restart(data)
 
@@ -501,7 +509,8 @@ class PeftModelMachine(RuleBasedStateMachine):
         if self.model is None:
             return
         assert self.model.active_adapters == self.active or not self.configs
-        torch.testing.assert_close(self.logits(self.model), self.logits(self.reference()), rtol=ATOL, atol=ATOL)
+        atol = MERGED_ATOL if self.merged else ATOL
+        torch.testing.assert_close(self.logits(self.model), self.logits(self.reference()), rtol=ATOL, atol=atol)
 
     @invariant()
     def adapter_tensors_are_the_recorded_ones(self) -> None:
