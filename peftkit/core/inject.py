@@ -67,6 +67,7 @@ def _wrap_targets(model: nn.Module, method: type[PeftMethod], config: TunerConfi
         model, config.target_modules or [], config.exclude_modules, config.layers_to_transform,
         config.layers_pattern, skip=skip,
     )
+    _refuse_containers(model, targets, "target_modules")
     for name in targets:
         module = get_module(model, name)
         owned = _owned_layer(module, method.layer_class)
@@ -78,6 +79,17 @@ def _wrap_targets(model: nn.Module, method: type[PeftMethod], config: TunerConfi
             _follow_training_mode(layer, module.training)
             replace_module(model, name, layer)
     return targets
+
+
+def _refuse_containers(model: nn.Module, names: list[str], field: str) -> None:
+    """The model iterates or indexes a ModuleList / ModuleDict and never calls it: a wrapper would break its
+    forward, so such a selection is refused before anything is wrapped."""
+    containers = [n for n in names if isinstance(get_module(model, n), (nn.ModuleList, nn.ModuleDict))]
+    if containers:
+        raise TargetModuleError(
+            f"{field} {containers} name a {type(get_module(model, containers[0])).__name__}, a container the model "
+            "does not call; name the modules inside it (e.g. its blocks' layers) instead."
+        )
 
 
 def _follow_training_mode(layer: AdapterLayer, training: bool) -> None:
@@ -97,12 +109,7 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -
         raise TargetModuleError(
             f"modules_to_save {missing} match no module of {type(model).__name__}; fix or remove them."
         )
-    containers = [n for n in matched if isinstance(get_module(model, n), (nn.ModuleList, nn.ModuleDict))]
-    if containers:  # the model iterates or indexes these, it never calls them: a wrapper would break its forward
-        raise TargetModuleError(
-            f"modules_to_save {containers} name a {type(get_module(model, containers[0])).__name__}, a container the "
-            "model does not call; name the modules inside it (e.g. its blocks) instead."
-        )
+    _refuse_containers(model, matched, "modules_to_save")
     for name in matched:
         module = get_module(model, name)
         if not isinstance(module, ModulesToSaveWrapper):

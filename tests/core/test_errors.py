@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit import (
+    AdapterConfig,
     AdapterNotFoundError,
     CheckpointError,
     LoraConfig,
@@ -132,11 +133,14 @@ def test_get_peft_model_raises_when_modules_to_save_is_absent() -> None:
     assert_unchanged(model, before)
 
 
-def test_get_peft_model_refuses_a_module_container_in_modules_to_save() -> None:
+def test_get_peft_model_refuses_a_module_container_as_target_or_in_modules_to_save() -> None:
     model = base_model("gpt2")  # transformer.h is the ModuleList of blocks: GPT-2 iterates it, never calls it
     before = snapshot(model)
     with pytest.raises(TargetModuleError, match=r"\['transformer.h'\] name a ModuleList.*modules inside it"):
         get_peft_model(model, LoraConfig(target_modules=["wte"], modules_to_save=["h"]))
+    assert_unchanged(model, before)
+    with pytest.raises(TargetModuleError, match=r"target_modules \['transformer.h'\] name a ModuleList"):
+        get_peft_model(model, AdapterConfig(target_modules=["h"]))
     assert_unchanged(model, before)
 
 
