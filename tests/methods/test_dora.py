@@ -452,21 +452,20 @@ def test_deepcopy_keeps_working() -> None:
 
 
 # ---- bitsandbytes 4-bit bases -------------------------------------------------------------------------------------
-def _quantized_pair() -> tuple[nn.Module, nn.Module]:
-    bnb = pytest.importorskip("bitsandbytes")
-    del bnb
-    return (peftkit.quantize_model(make_model("llama"), quant_type="nf4"),
-            peftkit.quantize_model(make_model("llama"), quant_type="nf4"))
+def _hf_dora_on_quantized(quant_type: str, targets: list[str], tmp_path) -> tuple[nn.Module, PeftModel]:
+    """HF peft's DoRA adapter (perturbed) on a quantised Llama, and peftkit's load of its checkpoint."""
+    pytest.importorskip("bitsandbytes")
+    ours_base, hf_base = (peftkit.quantize_model(make_model("llama"), quant_type=quant_type) for _ in range(2))
+    kw = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": targets}
+    hf = peft.get_peft_model(hf_base, peft.LoraConfig(use_dora=True, **kw))
+    _perturb(hf)
+    hf.save_pretrained(tmp_path)
+    return hf, PeftModel.from_pretrained(ours_base, tmp_path, is_trainable=True)
 
 
 @pytest.mark.filterwarnings("ignore:.*re-quantises:UserWarning")
 def test_4bit_base_matches_hf_and_merges_exactly_when_dequantized(tmp_path) -> None:
-    ours_base, hf_base = _quantized_pair()
-    kw = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-    hf = peft.get_peft_model(hf_base, peft.LoraConfig(use_dora=True, **kw))
-    _perturb(hf)
-    hf.save_pretrained(tmp_path)
-    ours = PeftModel.from_pretrained(ours_base, tmp_path, is_trainable=True)
+    hf, ours = _hf_dora_on_quantized("nf4", ["q_proj", "v_proj", "down_proj"], tmp_path)
     assert type(ours.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "LoraLinear4bit"
     inputs = make_inputs("llama")
     with torch.no_grad():  # train mode: bitsandbytes dequantises and runs an fp32 matmul, as for plain LoRA
@@ -486,13 +485,7 @@ def test_4bit_base_matches_hf_and_merges_exactly_when_dequantized(tmp_path) -> N
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_8bit_base_matches_hf(tmp_path) -> None:
-    pytest.importorskip("bitsandbytes")
-    ours_base, hf_base = (peftkit.quantize_model(make_model("llama"), quant_type="int8") for _ in range(2))
-    kw = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": ["q_proj", "v_proj"]}
-    hf = peft.get_peft_model(hf_base, peft.LoraConfig(use_dora=True, **kw))
-    _perturb(hf)
-    hf.save_pretrained(tmp_path)
-    ours = PeftModel.from_pretrained(ours_base, tmp_path, is_trainable=True)
+    hf, ours = _hf_dora_on_quantized("int8", ["q_proj", "v_proj"], tmp_path)
     assert type(ours.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "LoraLinear8bitLt"
     inputs = make_inputs("llama")
     with torch.no_grad():
