@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import (
     AutoProcessor,
+    AutoTokenizer,
     BitsAndBytesConfig,
     DataCollator,
     PreTrainedTokenizerBase,
@@ -123,15 +124,19 @@ def _clone_chat_template(
         processing_class = AutoProcessor.from_pretrained(trl_utils.get_config_model_id(model.config),
                                                          trust_remote_code=args.trust_remote_code)
     source = args.chat_template_path
+    if not hasattr(peft_config, "trainable_token_indices"):  # refused before the model is resized
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        new = [t.content for t in AutoTokenizer.from_pretrained(source).added_tokens_decoder.values()
+               if t.content not in tokenizer.get_vocab()]
+        if new:
+            raise ValueError(f"The chat template of {source!r} adds tokens {new}, whose embedding rows must train, "
+                             f"and {type(peft_config).__name__} cannot train embedding rows. Use a LoraConfig, or a "
+                             ".jinja chat template that adds no tokens.")
     model, processing_class, added_tokens = trl.clone_chat_template(model, processing_class, source)
     args = copy.copy(args)
     args.chat_template_path = None  # done: TRL must not clone again into the wrapped model
-    if not added_tokens:
+    if not added_tokens or not hasattr(peft_config, "trainable_token_indices"):  # at most rows no text uses
         return model, args, peft_config, processing_class
-    if not hasattr(peft_config, "trainable_token_indices"):
-        raise ValueError(f"The chat template of {source!r} adds tokens {added_tokens}, whose "
-                         f"embedding rows must train, and {type(peft_config).__name__} cannot train embedding rows. "
-                         "Use a LoraConfig, or a .jinja chat template that adds no tokens.")
     indices = copy.deepcopy(peft_config.trainable_token_indices)
     if indices is None or isinstance(indices, dict):
         indices = dict(indices or {})

@@ -197,14 +197,19 @@ def test_sft_works_without_hf_peft_installed(tmp_path) -> None:
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
-def test_sft_with_a_cloned_chat_template_trains_the_new_tokens_rows_and_reloads(tmp_path) -> None:
-    # TRL's chat_template_path: the template's special tokens are added to the vocabulary (embeddings resized) and
-    # TRL sets trainable_token_indices={"embed_tokens": new ids} and modules_to_save=["lm_head"] on the config.
+def _template_with_new_tokens(directory) -> str:
     source = _tokenizer()
     source.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     source.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
                             "{% endfor %}")
-    source.save_pretrained(tmp_path / "template")
+    source.save_pretrained(directory)
+    return str(directory)
+
+
+def test_sft_with_a_cloned_chat_template_trains_the_new_tokens_rows_and_reloads(tmp_path) -> None:
+    # TRL's chat_template_path: the template's special tokens are added to the vocabulary (embeddings resized) and
+    # TRL sets trainable_token_indices={"embed_tokens": new ids} and modules_to_save=["lm_head"] on the config.
+    _template_with_new_tokens(tmp_path / "template")
     chats = Dataset.from_dict({"messages": [[{"role": "user", "content": "w1 w2"},
                                              {"role": "assistant", "content": "w3 w4"}]] * 4})
     args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=5, learning_rate=1e-2, bf16=False,
@@ -239,3 +244,16 @@ def test_sft_with_a_cloned_chat_template_trains_the_new_tokens_rows_and_reloads(
     ids = torch.tensor([[new_ids[0], 5, 6, new_ids[1], 7]])
     torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
                                atol=1e-5, rtol=0)
+
+
+def test_chat_template_adding_tokens_with_a_config_that_cannot_train_rows_is_refused_first(tmp_path) -> None:
+    from peftkit import IA3Config
+
+    args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=1, bf16=False, gradient_checkpointing=False,
+                         chat_template_path=_template_with_new_tokens(tmp_path / "template"), **COMMON)
+    model = make_model("llama", seed=0)
+    with pytest.raises(ValueError, match=r"adds tokens \['<\|im_start\|>', '<\|im_end\|>'\].*IA3Config"):
+        SFTTrainer(model=model, args=args, train_dataset=_texts(), processing_class=_tokenizer(),
+                   peft_config=IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    assert model.get_input_embeddings().num_embeddings == VOCAB  # not resized
+    assert not hasattr(model, "peft_config")
