@@ -124,8 +124,12 @@ def _clone_chat_template(
         processing_class = AutoProcessor.from_pretrained(trl_utils.get_config_model_id(model.config),
                                                          trust_remote_code=args.trust_remote_code)
     source = args.chat_template_path
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    eos = getattr(args, "eos_token", None)
+    if eos is not None and eos not in tokenizer.get_vocab():  # TRL's check, which runs before its clone
+        raise ValueError(f"The specified `eos_token` ({eos!r}) is not found in the vocabulary of the given "
+                         f"`processing_class` ({type(processing_class).__name__}).")
     if not hasattr(peft_config, "trainable_token_indices"):  # refused before the model is resized
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
         new = [t.content for t in AutoTokenizer.from_pretrained(source).added_tokens_decoder.values()
                if t.content not in tokenizer.get_vocab()]
         if new:
@@ -135,6 +139,8 @@ def _clone_chat_template(
     model, processing_class, added_tokens = trl.clone_chat_template(model, processing_class, source)
     args = copy.copy(args)
     args.chat_template_path = None  # done: TRL must not clone again into the wrapped model
+    # TRL applies eos_token and then clones, so the template's eos wins; applied again after our clone, it would not.
+    args.eos_token = None
     if not added_tokens or not hasattr(peft_config, "trainable_token_indices"):  # at most rows no text uses
         return model, args, peft_config, processing_class
     indices = copy.deepcopy(peft_config.trainable_token_indices)

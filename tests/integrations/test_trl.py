@@ -212,11 +212,14 @@ def test_sft_with_a_cloned_chat_template_trains_the_new_tokens_rows_and_reloads(
     _template_with_new_tokens(tmp_path / "template")
     chats = Dataset.from_dict({"messages": [[{"role": "user", "content": "w1 w2"},
                                              {"role": "assistant", "content": "w3 w4"}]] * 4})
+    # eos_token too: TRL applies it before cloning, so the template's eos ("<eos>", id 1) is what stays.
     args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=5, learning_rate=1e-2, bf16=False,
-                         gradient_checkpointing=False, chat_template_path=str(tmp_path / "template"), **COMMON)
+                         gradient_checkpointing=False, chat_template_path=str(tmp_path / "template"),
+                         eos_token="w5", **COMMON)
     trainer = SFTTrainer(model=make_model("llama", seed=0), args=args, train_dataset=chats,
                          processing_class=_tokenizer(), peft_config=LoraConfig(**LORA))
     model = trainer.model
+    assert trainer.processing_class.eos_token == "<eos>" and model.config.eos_token_id == 1
     new_ids = trainer.processing_class.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     config = model.peft_config["default"]
     added = config.trainable_token_indices["embed_tokens"]  # the template's tokens (and TRL's padding tokens)
