@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import pathlib
 import platform
 import random
@@ -169,10 +168,7 @@ def main() -> None:
                 threads=args.threads, cpu=platform.processor() or platform.machine(), repeats=args.repeats,
                 warmup=args.warmup, quick=args.quick, argv=sys.argv, elapsed_s=elapsed,
                 foreign_cpu_fraction=foreign, max_foreign=args.max_foreign)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    print(f"wrote {out}")
+    bl.write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -378,6 +378,14 @@ def cpu_seconds() -> tuple[float, float]:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
 
 
+def write_results(path: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """The run's settings and rows as JSON at ``path`` (folders made as needed)."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    print(f"wrote {out}")
+
+
 def timing_parser(out_name: str, unit: str = "samples per variant") -> argparse.ArgumentParser:
     """The options every timing benchmark shares: repeats, warm-up, threads, quick mode, the load gate, --out."""
     ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n")[0])
@@ -441,10 +449,7 @@ def main() -> None:
                 python=platform.python_version(), repeats=args.repeats, warmup=args.warmup, quick=args.quick,
                 argv=sys.argv, elapsed_s=elapsed, foreign_cpu_fraction=foreign,
                 max_foreign=args.max_foreign, rounds_redone=redone, rounds_kept_noisy=noisy)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    print(f"wrote {out}")
+    write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

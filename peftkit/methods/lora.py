@@ -147,10 +147,9 @@ class LoraLayer(AdapterLayer):
         elif init == "orthogonal":
             _orthogonal_pair(lora_a, lora_b)
             return
-        elif init == "eva":
-            pass  # A keeps its layer init until initialize_lora_eva_weights replaces it from data; B = 0 below
         else:
-            # kaiming_uniform with a=sqrt(5) is nn.Linear's own init, which loralib uses for A.
+            # kaiming_uniform with a=sqrt(5) is nn.Linear's own init, which loralib uses for A. "eva" starts the same
+            # way until initialize_lora_eva_weights replaces A from data; B = 0 below.
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
         nn.init.zeros_(lora_b)
 
